@@ -1,0 +1,598 @@
+"""A deterministic, offline stand-in for an OpenAI-compatible chat model.
+
+The tutorial runs with no account and no network, yet the pipeline still goes
+through the real ``openai`` client: request building, JSON mode, retries, error
+classes and token usage all run for real. Only the model behind the client is
+replaced, in one of two ways:
+
+* ``OfflineTransport``: an ``httpx2`` transport handed to ``AsyncOpenAI``; no
+  sockets, no threads (the default offline backend and most tests).
+* ``python -m offline_llm --port 8765``: the same model as a small loopback
+  HTTP server, so ``OPENAI_BASE_URL=http://127.0.0.1:8765/v1`` works like any
+  OpenAI-compatible server (Ollama, vLLM, llama.cpp).
+
+The model is not a language model. It writes template prose that varies with
+the topic, and it plays the four roles of the pipeline (writer, critic,
+reviser, summariser) well enough to make the control flow real:
+
+* the critic scores measurable properties of a report (sections, length,
+  examples, figures, conclusion, topic focus) and names what is missing;
+* the reviser fixes at most two named problems per round, as a cautious editor
+  would, so the score rises over several iterations;
+* the summariser picks the report's most representative sentences.
+
+Same request, same reply, every run: nothing here reads a clock or a random
+source. Learners read ``pipeline.py``; this module is machinery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx2
+
+# Bump when the model's behaviour changes: the pipeline folds it into its cache
+# keys, so a changed offline model never serves an old cached report.
+MODEL_VERSION = "offline-reporter-2"
+
+ASPECTS = (
+    "Background",
+    "Key Benefits",
+    "Challenges and Risks",
+    "Practical Recommendations",
+    "Outlook",
+    "Common Misconceptions",
+)
+
+OPENERS = (
+    "This report looks at {topic} from a practical angle.",
+    "{topic} draws attention from practitioners and decision makers alike.",
+    "Few subjects reward a careful look as much as {topic}.",
+    "Interest in {topic} has grown steadily, and so have the questions about it.",
+)
+
+ASPECT_SENTENCES = {
+    "Background": (
+        "The story of {topic} begins with a practical problem that people wanted to solve.",
+        "Early work on {topic} was driven by small teams who shared their results openly.",
+        "Understanding where {topic} comes from makes its current shape easier to follow.",
+    ),
+    "Key Benefits": (
+        "The main benefit of {topic} is that it turns slow, manual work into a repeatable process.",
+        "Teams that adopt {topic} usually report clearer decisions and fewer surprises.",
+        "{topic} also lowers the cost of trying new ideas, which encourages learning.",
+    ),
+    "Challenges and Risks": (
+        "The hardest part of {topic} is rarely the technology; it is changing habits.",
+        "Costs of {topic} can grow quietly when nobody owns the budget.",
+        "Poorly planned work on {topic} creates risks that only show up much later.",
+    ),
+    "Practical Recommendations": (
+        "Start {topic} with one small, measurable goal and review it after a month.",
+        "Write down who is responsible for each part of {topic} before scaling it.",
+        "Share what worked and what failed with {topic}, so others avoid the same mistakes.",
+    ),
+    "Outlook": (
+        "Over the next few years {topic} is likely to become simpler and more widespread.",
+        "Better tools will make {topic} accessible to people without specialist training.",
+        "The open questions around {topic} are now about scale rather than feasibility.",
+    ),
+    "Common Misconceptions": (
+        "A common misconception is that {topic} only matters to large organisations.",
+        "It is also often assumed that {topic} delivers results without sustained attention.",
+        "In practice {topic} rewards patience more than it rewards big launches.",
+    ),
+}
+
+ELABORATIONS = (
+    "When it comes to {topic}, {aspect} deserves attention because early decisions are hard to reverse.",
+    "People who document their reasoning about {aspect} find it easier to explain {topic} to newcomers.",
+)
+
+EXAMPLE_SENTENCES = (
+    "For example, a small team applying {topic} cut its weekly review time in half.",
+    "For instance, one community group used {topic} to plan its budget a year ahead.",
+    "For example, a regional hospital piloted {topic} on a single ward before expanding.",
+)
+
+STOPWORDS = frozenset(
+    "a an and are as at be by for from has have in is it its of on or that the this to was were "
+    "with which who will can into than then they them their there these those about also more "
+    "most some such what when where while how not only very".split()
+)
+
+
+class OfflineModelError(Exception):
+    """A request the offline model refuses, as a real API would (HTTP 400)."""
+
+
+# --------------------------------------------------------------------------- prompts in, roles out
+
+
+@dataclass(frozen=True)
+class Request:
+    role: str
+    topic: str
+    document: str
+    improvements: tuple[str, ...]
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    content = message.get("content") or ""
+    if isinstance(content, list):  # the structured content form
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content)
+
+
+def _labelled_block(text: str, label: str) -> str:
+    """The text after a line ``label`` up to the next blank-line-separated label."""
+    _, found, rest = text.partition(label)
+    return rest.strip() if found else ""
+
+
+def parse_request(body: dict[str, Any]) -> Request:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise OfflineModelError("'messages' must be a non-empty list")
+    system = " ".join(_message_text(m) for m in messages if m.get("role") == "system").lower()
+    user_texts = [_message_text(m) for m in messages if m.get("role") == "user"]
+    first_user = user_texts[0] if user_texts else ""
+    json_mode = (body.get("response_format") or {}).get("type") == "json_object"
+    if json_mode and "json" not in " ".join(_message_text(m) for m in messages).lower():
+        # OpenAI's own rule: JSON mode needs the word JSON somewhere in the messages.
+        raise OfflineModelError("'messages' must contain the word 'json' to use response_format json_object")
+
+    topic_match = re.search(r"^Topic: (.+)$", first_user, flags=re.MULTILINE)
+    topic = topic_match.group(1).strip() if topic_match else first_user.strip()[:80] or "the topic"
+
+    if json_mode or "critic" in system or "editor" in system:
+        role = "critic"
+    elif "revis" in system:
+        role = "reviser"
+    elif "summar" in system:
+        role = "summarizer"
+    else:
+        role = "writer"
+
+    improvements_block = _labelled_block(first_user, "Improvements to make:")
+    improvements_block = improvements_block.partition("Current report:")[0]
+    improvements = tuple(
+        line.strip()[2:].strip() for line in improvements_block.splitlines() if line.strip().startswith("- ")
+    )
+    document = ""
+    for label in ("Current report:", "Report to review:", "Report to summarize:"):
+        document = _labelled_block(first_user, label)
+        if document:
+            break
+    return Request(role=role, topic=topic, document=document, improvements=improvements)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _pick(options: tuple[str, ...], topic: str, salt: str) -> str:
+    digest = hashlib.sha256(f"{salt}:{topic}".encode()).digest()
+    return options[digest[0] % len(options)]
+
+
+def _aspects_for(topic: str) -> list[str]:
+    """A topic-specific, stable order of the aspects."""
+    return sorted(ASPECTS, key=lambda aspect: hashlib.sha256(f"{topic}:{aspect}".encode()).hexdigest())
+
+
+def _section(topic: str, aspect: str, sentences: int) -> str:
+    pool = ASPECT_SENTENCES[aspect]
+    start = hashlib.sha256(f"{aspect}:{topic}".encode()).digest()[0] % len(pool)
+    body = " ".join(pool[(start + i) % len(pool)].format(topic=topic) for i in range(sentences))
+    return f"## {aspect}\n\n{body}"
+
+
+def write_draft(topic: str) -> str:
+    """A deliberately first draft: a title, an introduction and two short sections."""
+    opener = _pick(OPENERS, topic, "opener").format(topic=topic)
+    aspects = _aspects_for(topic)[:2]
+    parts = [
+        f"# {topic}",
+        f"## Introduction\n\n{opener} It summarises what matters most and where to start.",
+        *(_section(topic, aspect, 2) for aspect in aspects),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- critique
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    points: int
+    improvement: str
+
+
+CHECKS = (
+    Check("title", 1, "Add a clear Markdown title (a '# ' heading) naming the topic."),
+    Check("introduction", 1, "Add an Introduction section that states the purpose and scope."),
+    Check("sections", 2, "Add more body sections: at least three, each covering one aspect."),
+    Check("length", 2, "Expand the report to at least 350 words with more explanation."),
+    Check("examples", 1, "Include at least two concrete examples ('for example', 'for instance')."),
+    Check("figures", 1, "Add a bullet list of key figures, with numbers."),
+    Check("conclusion", 1, "Add a Conclusion section that summarises the findings."),
+    Check("focus", 1, "Mention the topic explicitly in every section."),
+)
+
+
+def _sections(markdown: str) -> list[tuple[str, str]]:
+    """(heading, body) for every '## ' section."""
+    chunks = re.split(r"^## +(.+)$", markdown, flags=re.MULTILINE)
+    return [(chunks[i].strip(), chunks[i + 1]) for i in range(1, len(chunks) - 1, 2)]
+
+
+def _topic_keywords(topic: str) -> set[str]:
+    words = {w for w in re.findall(r"\w+", topic.lower()) if w not in STOPWORDS and len(w) > 2}
+    return words or {topic.lower().strip()}
+
+
+def measure(markdown: str, topic: str) -> dict[str, float]:
+    """The fraction (0..1) of each check's points that the report earns."""
+    sections = _sections(markdown)
+    headings = [h.lower() for h, _ in sections]
+    body_sections = [h for h in headings if h not in ("introduction", "conclusion")]
+    words = _word_count(markdown)
+    examples = len(re.findall(r"\b(for example|for instance|e\.g\.)", markdown, flags=re.IGNORECASE))
+    keywords = _topic_keywords(topic)
+    focused = all(any(k in body.lower() for k in keywords) for _, body in sections) if sections else False
+    return {
+        "title": 1.0 if re.search(r"^# \S", markdown, flags=re.MULTILINE) else 0.0,
+        "introduction": 1.0 if "introduction" in headings else 0.0,
+        "sections": 1.0 if len(body_sections) >= 3 else 0.5 if len(body_sections) == 2 else 0.0,
+        "length": 1.0 if words >= 350 else 0.5 if words >= 200 else 0.0,
+        "examples": 1.0 if examples >= 2 else 0.0,
+        "figures": 1.0 if re.search(r"^[-*] .*\d", markdown, flags=re.MULTILINE) else 0.0,
+        "conclusion": 1.0 if "conclusion" in headings else 0.0,
+        "focus": 1.0 if focused else 0.0,
+    }
+
+
+def critique(markdown: str, topic: str) -> dict[str, Any]:
+    earned = measure(markdown, topic)
+    score = sum(check.points * earned[check.name] for check in CHECKS)
+    passed = [check for check in CHECKS if earned[check.name] == 1.0]
+    missing = [check for check in CHECKS if earned[check.name] < 1.0]
+    strengths = [f"Meets the '{check.name}' criterion." for check in passed] or ["The report has a clear subject."]
+    words = _word_count(markdown)
+    return {
+        "score": max(1, min(10, math.floor(score))),
+        "strengths": strengths,
+        "improvements": [check.improvement for check in missing],
+        "summary": f"{len(passed)} of {len(CHECKS)} criteria met in {words} words.",
+    }
+
+
+# --------------------------------------------------------------------------- revision
+
+
+def _add_sections(markdown: str, topic: str) -> str:
+    present = {h for h, _ in _sections(markdown)}
+    missing = [a for a in _aspects_for(topic) if a not in present]
+    needed = max(0, 3 - len([h for h in present if h.lower() not in ("introduction", "conclusion")]))
+    additions = [_section(topic, aspect, 2) for aspect in missing[: max(needed, 1)]]
+    return _insert_before_conclusion(markdown, "\n\n".join(additions))
+
+
+def _word_count(text: str) -> int:
+    return len(re.findall(r"\w+", text))
+
+
+def _expand(markdown: str, topic: str) -> str:
+    """Lengthen every body section, then add whole sections until the report is long enough."""
+    out = []
+    for block in re.split(r"(?=^## )", markdown, flags=re.MULTILINE):
+        heading = block.splitlines()[0][3:].strip() if block.startswith("## ") else ""
+        extra = [s.format(topic=topic) for s in ASPECT_SENTENCES.get(heading, ()) if s.format(topic=topic) not in block]
+        if extra:
+            block = block.rstrip() + " " + " ".join(extra) + "\n\n"
+        out.append(block)
+    expanded = "".join(out).rstrip() + "\n"
+    present = {heading for heading, _ in _sections(expanded)}
+    for aspect in _aspects_for(topic):
+        if _word_count(expanded) >= 350:
+            break
+        if aspect not in present:
+            expanded = _insert_before_conclusion(expanded, _section(topic, aspect, 3))
+    if _word_count(expanded) < 350:
+        expanded = re.sub(
+            r"^## (?!Introduction|Conclusion)(.+)\n\n(.+)$",
+            lambda m: f"## {m[1]}\n\n{m[2]} "
+            + " ".join(e.format(topic=topic, aspect=m[1].lower()) for e in ELABORATIONS),
+            expanded,
+            flags=re.MULTILINE,
+        )
+    return expanded
+
+
+def _add_examples(markdown: str, topic: str) -> str:
+    examples = " ".join(s.format(topic=topic) for s in EXAMPLE_SENTENCES[:2])
+    return _insert_before_conclusion(markdown, f"## Examples in Practice\n\n{examples}")
+
+
+def _add_figures(markdown: str, topic: str) -> str:
+    seed = hashlib.sha256(topic.encode()).digest()
+    bullets = "\n".join(
+        [
+            f"- Around {20 + seed[1] % 60}% of surveyed teams mention {topic} in their plans.",
+            f"- Pilot projects on {topic} typically run for {2 + seed[2] % 10} to {12 + seed[3] % 12} weeks.",
+            f"- {3 + seed[4] % 7} out of 10 early adopters report measurable savings.",
+        ]
+    )
+    return _insert_before_conclusion(markdown, f"## Key Figures\n\nIllustrative figures for {topic}:\n\n{bullets}")
+
+
+def _add_conclusion(markdown: str, topic: str) -> str:
+    return (
+        markdown.rstrip()
+        + f"\n\n## Conclusion\n\n{topic} is worth the effort when it starts small, has clear owners and is "
+        "reviewed regularly. The sections above outline the benefits, the risks and the first steps.\n"
+    )
+
+
+def _add_introduction(markdown: str, topic: str) -> str:
+    intro = f"## Introduction\n\nThis report explains {topic}: what it is, why it matters and how to begin."
+    title, sep, rest = markdown.partition("\n")
+    if title.startswith("# "):
+        return f"{title}\n\n{intro}\n{sep}{rest}"
+    return f"{intro}\n\n{markdown}"
+
+
+def _add_title(markdown: str, topic: str) -> str:
+    return f"# {topic}\n\n{markdown.lstrip()}"
+
+
+def _focus(markdown: str, topic: str) -> str:
+    keywords = _topic_keywords(topic)
+    out = []
+    for block in re.split(r"(?=^## )", markdown, flags=re.MULTILINE):
+        if block.startswith("## ") and not any(k in block.lower() for k in keywords):
+            block = block.rstrip() + f" This matters directly for {topic}.\n\n"
+        out.append(block)
+    return "".join(out)
+
+
+def _insert_before_conclusion(markdown: str, addition: str) -> str:
+    if not addition:
+        return markdown
+    head, found, tail = markdown.partition("\n## Conclusion\n")
+    if found:
+        return f"{head.rstrip()}\n\n{addition}\n{found}{tail}"
+    return f"{markdown.rstrip()}\n\n{addition}\n"
+
+
+FIXERS = (
+    ("title", _add_title),
+    ("introduction", _add_introduction),
+    ("body sections", _add_sections),
+    ("expand", _expand),
+    ("example", _add_examples),
+    ("figures", _add_figures),
+    ("conclusion", _add_conclusion),
+    ("mention the topic", _focus),
+)
+FIXES_PER_ROUND = 2
+
+
+def revise(markdown: str, topic: str, improvements: tuple[str, ...]) -> str:
+    """Address the first two improvements this model knows how to fix."""
+    applied = 0
+    for improvement in improvements:
+        lowered = improvement.lower()
+        fixer = next((fix for key, fix in FIXERS if key in lowered), None)
+        if fixer is None:
+            continue
+        markdown = fixer(markdown, topic)
+        applied += 1
+        if applied == FIXES_PER_ROUND:
+            break
+    return markdown.rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summarize(markdown: str, sentences: int = 3) -> str:
+    """Extractive: the highest-scoring sentences by content-word frequency, in document order."""
+    prose = "\n".join(
+        line for line in markdown.splitlines() if line.strip() and not line.lstrip().startswith(("#", "-", "*"))
+    )
+    sentences_found = (s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", prose))
+    candidates = [s for s in sentences_found if len(s.split()) >= 5 and s.endswith((".", "!", "?"))]
+    if not candidates:
+        return prose.strip() or "The report is empty."
+    frequency: dict[str, int] = {}
+    for word in re.findall(r"\w+", prose.lower()):
+        if word not in STOPWORDS:
+            frequency[word] = frequency.get(word, 0) + 1
+
+    def weight(sentence: str) -> float:
+        words = [w for w in re.findall(r"\w+", sentence.lower()) if w not in STOPWORDS]
+        return sum(frequency.get(w, 0) for w in words) / math.sqrt(len(words) or 1)
+
+    ranked = sorted(range(len(candidates)), key=lambda i: (-weight(candidates[i]), i))
+    chosen: list[int] = []
+    for index in ranked:
+        if candidates[index] not in (candidates[c] for c in chosen):
+            chosen.append(index)
+        if len(chosen) == sentences:
+            break
+    return " ".join(candidates[i] for i in sorted(chosen))
+
+
+# --------------------------------------------------------------------------- the chat completion
+
+
+def estimate_tokens(text: str) -> int:
+    return max(1, math.ceil(len(text) / 4))
+
+
+def complete(body: dict[str, Any]) -> dict[str, Any]:
+    """Answer one ``/v1/chat/completions`` request body with a complete response body."""
+    request = parse_request(body)
+    if request.role == "critic":
+        content = json.dumps(critique(request.document, request.topic))
+    elif request.role == "reviser":
+        content = revise(request.document, request.topic, request.improvements)
+    elif request.role == "summarizer":
+        content = summarize(request.document)
+    else:
+        content = write_draft(request.topic)
+    prompt_tokens = sum(estimate_tokens(_message_text(m)) for m in body["messages"])
+    completion_tokens = estimate_tokens(content)
+    request_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
+    return {
+        "id": f"chatcmpl-offline-{request_hash}",
+        "object": "chat.completion",
+        "created": 0,
+        "model": body.get("model") or MODEL_VERSION,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+MODELS_LIST = {"object": "list", "data": [{"id": MODEL_VERSION, "object": "model", "created": 0, "owned_by": "local"}]}
+
+
+def _error_body(message: str, kind: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind}}
+
+
+def route(method: str, path: str, raw_body: bytes) -> tuple[int, dict[str, Any]]:
+    """Serve one HTTP request: shared by the in-process transport and the loopback server."""
+    if method == "GET" and path.rstrip("/").endswith("/models"):
+        return 200, MODELS_LIST
+    if method == "POST" and path.rstrip("/").endswith("/chat/completions"):
+        try:
+            body = json.loads(raw_body or b"{}")
+            return 200, complete(body)
+        except (OfflineModelError, ValueError, KeyError, TypeError, AttributeError) as error:
+            return 400, _error_body(str(error), "invalid_request_error")
+    return 404, _error_body(f"no route for {method} {path}", "not_found")
+
+
+# --------------------------------------------------------------------------- in-process transport
+
+
+class OfflineTransport(httpx2.AsyncBaseTransport):
+    """Answers the openai client's HTTP requests in-process.
+
+    ``latency`` seconds are slept per completion, to simulate a remote model in
+    timing experiments (``asyncio.sleep``, so concurrent requests overlap).
+    """
+
+    def __init__(self, latency: float = 0.0) -> None:
+        self.latency = latency
+        self.requests = 0
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        self.requests += 1
+        raw = await request.aread()
+        status, payload = route(request.method, request.url.path, raw)
+        if self.latency and status == 200 and "choices" in payload:
+            await asyncio.sleep(self.latency)
+        return httpx2.Response(status, json=payload)
+
+
+# --------------------------------------------------------------------------- loopback HTTP server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # without it every reply waits ~40 ms on delayed ACKs
+    latency = 0.0
+
+    def _reply(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._reply(*route("GET", self.path, b""))
+
+    def do_POST(self) -> None:  # noqa: N802
+        length = int(self.headers.get("Content-Length") or 0)
+        status, payload = route("POST", self.path, self.rfile.read(length))
+        if self.latency and status == 200:
+            time.sleep(self.latency)
+        self._reply(status, payload)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+class OfflineServer:
+    """The offline model on ``http://127.0.0.1:<port>/v1``; ``port=0`` picks a free one."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency: float = 0.0) -> None:
+        handler = type("Handler", (_Handler,), {"latency": latency})
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> OfflineServer:
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="offline-llm", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> OfflineServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve the offline model as an OpenAI-compatible API.")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8765, help="port (0 picks a free one; default 8765)")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait per completion")
+    args = parser.parse_args(argv)
+    server = OfflineServer(args.host, args.port, args.latency)
+    print(f"offline model {MODEL_VERSION} listening on {server.base_url}", flush=True)
+    print(f"  export OPENAI_BASE_URL={server.base_url} OPENAI_API_KEY=offline", flush=True)
+    try:
+        server.httpd.serve_forever(poll_interval=0.05)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+
+
+if __name__ == "__main__":
+    main()

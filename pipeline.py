@@ -1,0 +1,928 @@
+"""An LLM report generator, built with the Flyte 2 SDK.
+
+For each topic the pipeline writes a draft, has a critic score it (structured
+JSON, 1-10), revises until the score reaches a threshold or the iterations run
+out, then writes ``report.md``, ``report.html`` and an executive summary, for
+many topics at once.
+
+It reads top to bottom like the tutorial:
+
+1. settings            where the model lives, how hard we may call it
+2. prompts and models  what we ask, and the typed critique we expect back
+3. the LLM call        one traced function through the official openai client
+4. traced steps        draft, critique (validated and repaired), revise, summary
+5. refinement task     the critique/revise loop, one ``flyte.group`` per round
+6. formatters          Markdown with front matter, safe HTML, in parallel
+7. batch driver        many topics at once; one failure never loses the rest
+8. durable outputs     ``reports/<run-id>/`` with an index and ``summary.json``
+
+Run it:
+
+    python pipeline.py "Quantum computing" "Why cats purr"
+    flyte run --local pipeline.py report_batch_pipeline --topics '["Quantum computing"]'
+
+With no configuration it uses a deterministic offline model, so it needs no
+account and no network. Set ``OPENAI_API_KEY`` (and ``OPENAI_BASE_URL`` for
+Ollama, vLLM or llama.cpp) to use a real model; see the README.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import hashlib
+import html
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import flyte
+import flyte.errors
+import httpx2
+import yaml
+from flyte._cache.policy_function_body import FunctionBodyPolicy
+from flyte.io import Dir
+from markdown_it import MarkdownIt
+from openai import AsyncOpenAI
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+import offline_llm
+from plumbing import InflightLimit, atomic_write_text, replace_dir, slugify, staging_dir_for
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+logger = logging.getLogger("pipeline")
+
+# {{docs-fragment settings}}
+BACKENDS = ("offline", "openai")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Where the model lives and how hard we may call it. Read from the environment."""
+
+    backend: str = "offline"  # "offline" or "openai" (any OpenAI-compatible server)
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None  # None: the client's default, https://api.openai.com/v1
+    max_concurrency: int = 8  # in-flight LLM requests, process-wide
+    reports_dir: Path = PROJECT_ROOT / "reports"
+    request_timeout: float = 120.0  # seconds per HTTP request; CPU-hosted models are slow
+    client_retries: int = 3  # the openai client's own retries: 408, 409, 429, 5xx, timeouts
+    offline_latency: float = 0.0  # seconds the offline model waits per reply, to mimic a real API
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        has_openai = bool(env.get("OPENAI_API_KEY") or env.get("OPENAI_BASE_URL"))
+        backend = (env.get("REPORT_BACKEND") or ("openai" if has_openai else "offline")).strip().lower()
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"REPORT_BACKEND={backend!r} is not a known backend: use 'offline' (built-in model, no network) "
+                "or 'openai' (OpenAI or any OpenAI-compatible server such as Ollama, vLLM or llama.cpp)."
+            )
+        reports_dir = Path(env["REPORTS_DIR"]).expanduser().resolve() if env.get("REPORTS_DIR") else cls.reports_dir
+        return cls(
+            backend=backend,
+            model=env.get("REPORT_MODEL") or cls.model,
+            base_url=env.get("OPENAI_BASE_URL") or None,
+            max_concurrency=_positive_int(env, "REPORT_MAX_CONCURRENCY", cls.max_concurrency),
+            reports_dir=reports_dir,
+            request_timeout=_positive_float(env, "REPORT_REQUEST_TIMEOUT", cls.request_timeout),
+            client_retries=_positive_int(env, "REPORT_CLIENT_RETRIES", cls.client_retries, minimum=0),
+            offline_latency=_positive_float(env, "REPORT_OFFLINE_LATENCY", cls.offline_latency, minimum=0.0),
+        )
+
+    @property
+    def model_name(self) -> str:
+        """The model that writes the reports, as recorded in every report."""
+        return offline_llm.MODEL_VERSION if self.backend == "offline" else self.model
+
+    def describe(self) -> str:
+        """One line for people; never contains the API key."""
+        if self.backend == "offline":
+            return f"offline model {self.model_name} (built in, deterministic, no network)"
+        return f"model {self.model} at {self.base_url or 'https://api.openai.com/v1'} (OpenAI-compatible)"
+
+    def check_ready(self) -> None:
+        """Fail before any work if the chosen backend cannot work."""
+        if self.backend == "openai" and not os.environ.get("OPENAI_API_KEY"):
+            raise ValueError(
+                "REPORT_BACKEND=openai needs OPENAI_API_KEY. Export your key, or any non-empty value "
+                "(for example OPENAI_API_KEY=local) for servers that do not check it, such as Ollama."
+            )
+
+    def task_env_vars(self) -> dict[str, str]:
+        """The settings a remote task container needs to behave like this process."""
+        env = {"REPORT_BACKEND": self.backend, "REPORT_MODEL": self.model}
+        if self.base_url:
+            env["OPENAI_BASE_URL"] = self.base_url
+        return env
+
+
+def _positive_int(env: dict[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} must be a whole number of at least {minimum}") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be a whole number of at least {minimum}")
+    return value
+
+
+def _positive_float(env: dict[str, str], name: str, default: float, minimum: float = 0.001) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} must be a number of seconds, at least {minimum}") from None
+    if not value >= minimum:
+        raise ValueError(f"{name}={raw!r} must be a number of seconds, at least {minimum}")
+    return value
+
+
+settings = Settings.from_env()
+
+
+def configure(**changes: Any) -> Settings:
+    """Change settings for this process, e.g. ``configure(offline_latency=0.2)``.
+
+    New LLM clients are made on the next call. Cached task results stay valid:
+    the cache key covers the model (see ``ReportConfigPolicy``).
+    """
+    global settings, _limit
+    settings = dataclasses.replace(settings, **changes)
+    _limit = InflightLimit(settings.max_concurrency)
+    _clients.clear()
+    return settings
+
+
+# {{/docs-fragment settings}}
+
+# {{docs-fragment prompts}}
+WRITER_PROMPT = """\
+You are a report writer. Write a well-structured report in Markdown about the topic you are given:
+a '# ' title, an introduction, three to five '## ' sections with facts and concrete examples,
+a short bullet list of key figures, and a conclusion. Aim for 500 to 800 words.
+Return only the Markdown."""
+
+CRITIC_PROMPT = """\
+You are a demanding editor. Judge the report for clarity, structure, depth, accuracy and engagement.
+Reply with one JSON object and nothing else, with exactly these keys:
+"score": an integer from 1 to 10, where 8 or more means ready to publish;
+"strengths": a list of strings;
+"improvements": a list of specific, actionable strings, most important first;
+"summary": one sentence."""
+
+REVISER_PROMPT = """\
+You are a report reviser. Rewrite the report so that it addresses every listed improvement,
+keeping its voice and its strengths. Return only the revised Markdown."""
+
+SUMMARY_PROMPT = """\
+You are an executive summariser. Summarise the report in two or three short paragraphs for a busy
+reader: the main points, the key evidence and the recommendation. Return plain text."""
+
+
+class Critique(BaseModel):
+    """What the critic must return. Validation, not hope: a score of 11 is an error."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    score: int = Field(ge=1, le=10)
+    strengths: list[str]
+    improvements: list[str]
+    summary: str
+
+
+class Usage(BaseModel):
+    """Requests made and tokens spent; adds up across calls, topics and runs."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            requests=self.requests + other.requests,
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+        )
+
+
+class LLMReply(BaseModel):
+    text: str
+    usage: Usage
+
+
+# {{/docs-fragment prompts}}
+
+# {{docs-fragment llm-call}}
+# One client per event loop: a notebook awaits on the kernel's loop while Flyte
+# runs tasks on a loop of its own, and an AsyncOpenAI client (its connection
+# pool) must never be shared between two loops.
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncOpenAI] = weakref.WeakKeyDictionary()
+_limit = InflightLimit(settings.max_concurrency)
+
+
+def get_client() -> AsyncOpenAI:
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        client = _clients[loop] = make_client(settings)
+    return client
+
+
+def make_client(config: Settings) -> AsyncOpenAI:
+    common = {"timeout": config.request_timeout, "max_retries": config.client_retries}
+    if config.backend == "offline":
+        transport = offline_llm.OfflineTransport(latency=config.offline_latency)
+        return AsyncOpenAI(
+            api_key="offline",
+            base_url="http://offline.invalid/v1",  # never resolved: the transport answers in-process
+            http_client=httpx2.AsyncClient(transport=transport),
+            **common,
+        )
+    # The client reads OPENAI_API_KEY itself; base_url None means api.openai.com.
+    return AsyncOpenAI(base_url=config.base_url, **common)
+
+
+@flyte.trace
+async def call_llm(system: str, prompt: str, json_mode: bool = False) -> LLMReply:
+    """One chat completion. Traced: on a cluster a retried task replays it from its checkpoint."""
+    extra = {"response_format": {"type": "json_object"}} if json_mode else {}
+    async with _limit:
+        response = await get_client().chat.completions.create(
+            model=settings.model_name,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+            temperature=0.2,
+            **extra,
+        )
+    text = response.choices[0].message.content or ""
+    tokens = response.usage
+    return LLMReply(
+        text=text,
+        usage=Usage(
+            requests=1,
+            prompt_tokens=tokens.prompt_tokens if tokens else 0,
+            completion_tokens=tokens.completion_tokens if tokens else 0,
+        ),
+    )
+
+
+# {{/docs-fragment llm-call}}
+
+# {{docs-fragment progress-events}}
+ProgressListener = Callable[[dict[str, Any]], None]
+_listeners: list[ProgressListener] = []
+
+
+def emit(topic: str, step: str, **details: Any) -> None:
+    """Tell listeners (a widget, a test, a log) where a topic is. Never prints."""
+    event = {"topic": topic, "step": step, **details}
+    for listener in list(_listeners):
+        try:
+            listener(event)
+        except Exception:  # a broken view must never break the pipeline
+            logger.exception("progress listener failed on %s", event)
+
+
+# {{/docs-fragment progress-events}}
+
+# {{docs-fragment traced-steps}}
+class CritiqueError(flyte.errors.NonRecoverableError):
+    """The critic's reply was unusable twice; retrying the task would not help."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="CritiqueError")
+
+
+class CritiqueReply(BaseModel):
+    critique: Critique
+    usage: Usage
+
+
+@flyte.trace
+async def write_draft(topic: str) -> LLMReply:
+    return await call_llm(WRITER_PROMPT, f"Topic: {topic}\n\nWrite the report.")
+
+
+@flyte.trace
+async def critique_draft(topic: str, draft: str) -> CritiqueReply:
+    """Ask for a JSON critique; one bounded repair request if the reply does not validate."""
+    prompt = f"Topic: {topic}\n\nReport to review:\n\n{draft}"
+    reply = await call_llm(CRITIC_PROMPT, prompt, json_mode=True)
+    usage = reply.usage
+    try:
+        return CritiqueReply(critique=Critique.model_validate_json(reply.text), usage=usage)
+    except ValidationError as error:
+        problem = _validation_summary(error)
+    repair = (
+        f"Topic: {topic}\n\nYour previous reply could not be used: {problem}\n"
+        "Reply again with one JSON object with the keys score (integer 1-10), strengths, improvements "
+        f"and summary.\n\nReport to review:\n\n{draft}"
+    )
+    retry = await call_llm(CRITIC_PROMPT, repair, json_mode=True)
+    usage = usage + retry.usage
+    try:
+        return CritiqueReply(critique=Critique.model_validate_json(retry.text), usage=usage)
+    except ValidationError as error:
+        raise CritiqueError(
+            f"The critic's reply for {topic!r} was invalid twice (after one repair request): "
+            f"{_validation_summary(error)}"
+        ) from None
+
+
+def _validation_summary(error: ValidationError) -> str:
+    """'score: Input should be less than or equal to 10 (got 11)', without pydantic's URLs."""
+    parts = []
+    for item in error.errors(include_url=False)[:3]:
+        where = ".".join(str(p) for p in item["loc"]) or "reply"
+        got = "" if item["type"] == "missing" else f" (got {str(item.get('input'))[:60]!r})"
+        parts.append(f"{where}: {item['msg']}{got}")
+    return "; ".join(parts)
+
+
+@flyte.trace
+async def revise_draft(topic: str, draft: str, improvements: list[str]) -> LLMReply:
+    todo = "\n".join(f"- {item}" for item in improvements) or "- Tighten the wording."
+    prompt = f"Topic: {topic}\n\nImprovements to make:\n{todo}\n\nCurrent report:\n\n{draft}"
+    return await call_llm(REVISER_PROMPT, prompt)
+
+
+@flyte.trace
+async def summarize_report(topic: str, report: str) -> LLMReply:
+    return await call_llm(SUMMARY_PROMPT, f"Topic: {topic}\n\nReport to summarize:\n\n{report}")
+
+
+# {{/docs-fragment traced-steps}}
+
+# {{docs-fragment environments}}
+# A cache key that cannot go stale. Flyte's default policy hashes only the task
+# function's own source, so editing a prompt, a traced helper or the model name
+# would silently return old reports. This policy adds all of those.
+class ReportConfigPolicy:
+    def get_version(self, salt: str, params: Any) -> str:
+        return hashlib.sha256(f"{salt}:{config_fingerprint()}".encode()).hexdigest()
+
+
+def config_fingerprint() -> str:
+    """Everything besides a task's inputs and body that changes what it returns."""
+    parts = [
+        WRITER_PROMPT,
+        CRITIC_PROMPT,
+        REVISER_PROMPT,
+        SUMMARY_PROMPT,
+        json.dumps(Critique.model_json_schema(), sort_keys=True),
+        settings.backend,
+        settings.model_name,
+        settings.base_url or "",
+        offline_llm.MODEL_VERSION,
+        *(inspect.getsource(f) for f in (call_llm, write_draft, critique_draft, revise_draft, summarize_report)),
+    ]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+image = flyte.Image.from_debian_base(python_version=(3, 12)).with_pip_packages(
+    "openai>=3.50", "httpx2", "pydantic>=2.7", "pyyaml>=6", "markdown-it-py>=3"
+)
+
+llm_env = flyte.TaskEnvironment(
+    name="llm-worker",
+    image=image,
+    resources=flyte.Resources(cpu=1, memory="1Gi"),
+    # Warm containers: each replica runs up to 4 topics at once, its LLM calls mostly waiting.
+    reusable=flyte.ReusePolicy(replicas=2, concurrency=4, scaledown_ttl=300, idle_ttl=1800),
+    secrets=[flyte.Secret(key="openai-api-key", as_env_var="OPENAI_API_KEY")] if settings.backend == "openai" else [],
+    env_vars=settings.task_env_vars(),
+    cache=flyte.Cache("auto", policies=[FunctionBodyPolicy(), ReportConfigPolicy()]),
+)
+
+driver_env = flyte.TaskEnvironment(
+    name="driver",
+    image=image,
+    resources=flyte.Resources(cpu=1, memory="1Gi"),
+    env_vars=settings.task_env_vars(),
+    depends_on=[llm_env],
+)
+# {{/docs-fragment environments}}
+
+
+# {{docs-fragment refine-task}}
+class Round(BaseModel):
+    """One critique: the score it gave and what it asked for."""
+
+    iteration: int
+    score: int
+    strengths: list[str]
+    improvements: list[str]
+    summary: str
+
+
+class RefineResult(BaseModel):
+    topic: str
+    markdown: str
+    history: list[Round]
+    model: str
+    usage: Usage
+    produced_in_run: str = ""  # differs from the current run's name on a cache hit
+
+    @property
+    def iterations(self) -> int:
+        return len(self.history)
+
+    @property
+    def final_score(self) -> int:
+        return self.history[-1].score
+
+
+@llm_env.task(retries=3)
+async def refine_report(topic: str, max_iterations: int = 3, quality_threshold: int = 8) -> RefineResult:
+    """Draft, then critique and revise until the score reaches the threshold or the rounds run out."""
+    emit(topic, "draft")
+    draft = await write_draft(topic)
+    markdown, usage, history = draft.text, draft.usage, []
+    for iteration in range(1, max_iterations + 1):
+        with flyte.group(f"refinement_{iteration}"):
+            emit(topic, "critique", iteration=iteration)
+            reply = await critique_draft(topic, markdown)
+            usage += reply.usage
+            critique = reply.critique
+            history.append(Round(iteration=iteration, **critique.model_dump()))
+            emit(topic, "scored", iteration=iteration, score=critique.score)
+            # The last round's critique scores the final text, so we never revise after it.
+            if critique.score >= quality_threshold or iteration == max_iterations:
+                break
+            emit(topic, "revise", iteration=iteration)
+            revision = await revise_draft(topic, markdown, critique.improvements)
+            markdown, usage = revision.text, usage + revision.usage
+    return RefineResult(
+        topic=topic,
+        markdown=markdown,
+        history=history,
+        model=settings.model_name,
+        usage=usage,
+        produced_in_run=flyte.ctx().action.run_name if flyte.ctx() else "",
+    )
+
+
+# {{/docs-fragment refine-task}}
+
+# {{docs-fragment formatters}}
+def format_as_markdown(result: RefineResult, report_date: str) -> str:
+    """The report with YAML front matter. A YAML library quotes whatever the topic holds."""
+    front_matter = {
+        "title": result.topic,
+        "date": report_date,
+        "model": result.model,
+        "score": result.final_score,
+        "iterations": result.iterations,
+    }
+    header = yaml.safe_dump(front_matter, sort_keys=False, allow_unicode=True, width=1000)
+    return f"---\n{header}---\n\n{result.markdown.strip()}\n"
+
+
+def read_front_matter(markdown: str) -> dict[str, Any]:
+    """The inverse of the header written by ``format_as_markdown``."""
+    if not markdown.startswith("---\n"):
+        raise ValueError("no front matter: the text does not start with a '---' line")
+    header, found, _ = markdown[4:].partition("\n---\n")
+    if not found:
+        raise ValueError("front matter is not closed by a '---' line")
+    return yaml.safe_load(header)
+
+
+SAFE_LINK_SCHEMES = ("http", "https", "mailto")
+
+
+def is_safe_link(url: str) -> bool:
+    """Relative links and http(s)/mailto only: no javascript:, data:, vbscript: or file: URLs."""
+    cleaned = re.sub(r"[\x00-\x20]+", "", url).lower()
+    scheme = re.match(r"^([a-z][a-z0-9+.\-]*):", cleaned)
+    return scheme is None or scheme.group(1) in SAFE_LINK_SCHEMES
+
+
+# html=False: raw HTML in model text is shown as text, never parsed as markup.
+_markdown = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False}).enable("table")
+_markdown.validateLink = is_safe_link
+
+# Defence in depth: even if something slipped through, the page may not run scripts.
+CONTENT_SECURITY_POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src https: data:"
+
+PAGE_STYLE = """
+body { font: 16px/1.6 system-ui, sans-serif; max-width: 46rem; margin: 2rem auto; padding: 0 1rem; color: #1f2328; }
+header p { color: #57606a; margin-top: 0; }
+h1, h2, h3 { line-height: 1.25; }
+table { border-collapse: collapse; } th, td { border: 1px solid #d0d7de; padding: .3rem .6rem; text-align: left; }
+code { background: #f6f8fa; padding: .1rem .3rem; }
+"""
+
+
+def html_page(title: str, body: str) -> str:
+    """A complete, valid HTML5 document around an already-safe body."""
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{PAGE_STYLE}</style>\n</head>\n"
+        f"<body>\n{body}</body>\n</html>\n"
+    )
+
+
+def format_as_html(result: RefineResult, report_date: str) -> str:
+    """The report as a standalone page: a real Markdown renderer, every piece of model text escaped."""
+    markdown = result.markdown.strip()
+    first_line, _, rest = markdown.partition("\n")
+    if first_line.strip() == f"# {result.topic}".strip():
+        markdown = rest  # the page header already shows the topic as the title
+    meta = f"{report_date} · {result.model} · score {result.final_score}/10 after {result.iterations} round(s)"
+    body = (
+        f"<header>\n<h1>{html.escape(result.topic)}</h1>\n<p>{html.escape(meta)}</p>\n</header>\n"
+        f"<main>\n{_markdown.render(markdown)}</main>\n"
+    )
+    return html_page(result.topic, body)
+
+
+# {{/docs-fragment formatters}}
+
+
+# {{docs-fragment format-task}}
+class ReportFiles(BaseModel):
+    """The folder holding report.md, report.html and summary.txt, plus what the summary cost."""
+
+    folder: Dir
+    usage: Usage
+
+
+# Not cached: in local mode a Dir is just a path in /tmp, and a cache hit could
+# hand back a folder that was cleaned up since. The costly part, the summary,
+# is a traced call; the formatting itself takes milliseconds.
+@llm_env.task(cache="disable", retries=2)
+async def format_outputs(result: RefineResult, report_date: str) -> ReportFiles:
+    emit(result.topic, "format")
+    with flyte.group("formatting"):
+        markdown, page, summary = await asyncio.gather(
+            asyncio.to_thread(format_as_markdown, result, report_date),
+            asyncio.to_thread(format_as_html, result, report_date),
+            summarize_report(result.topic, result.markdown),
+        )
+    folder = Path(tempfile.mkdtemp(prefix=f"report-{slugify(result.topic)}-"))
+    (folder / "report.md").write_text(markdown, encoding="utf-8")
+    (folder / "report.html").write_text(page, encoding="utf-8")
+    (folder / "summary.txt").write_text(summary.text.strip() + "\n", encoding="utf-8")
+    return ReportFiles(folder=await Dir.from_local(folder), usage=summary.usage)
+
+
+# {{/docs-fragment format-task}}
+
+
+# {{docs-fragment batch-driver}}
+MAX_TOPICS = 500
+MAX_TOPIC_LENGTH = 200
+
+
+class TopicReport(BaseModel):
+    """One topic's outcome: its refined report and files, or the error that stopped it."""
+
+    topic: str
+    slug: str
+    result: RefineResult | None = None
+    files: ReportFiles | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def validate_batch(topics: Any, max_iterations: Any, quality_threshold: Any) -> list[str]:
+    """Check the inputs before any LLM call; a ValueError names the parameter, the value and the fix."""
+    if isinstance(topics, str) or not isinstance(topics, Sequence):
+        raise ValueError(
+            f"topics must be a list of strings, got {type(topics).__name__} {topics!r:.80}; "
+            'for example topics=["Quantum computing", "Why cats purr"]'
+        )
+    if not topics:
+        raise ValueError("topics is empty: give at least one topic")
+    if len(topics) > MAX_TOPICS:
+        raise ValueError(f"topics has {len(topics)} entries; at most {MAX_TOPICS} are allowed per batch")
+    cleaned: list[str] = []
+    first_seen: dict[str, int] = {}
+    for position, topic in enumerate(topics, start=1):
+        if not isinstance(topic, str):
+            raise ValueError(f"topic #{position} must be a string, got {type(topic).__name__} {topic!r:.60}")
+        text = topic.strip()
+        if not text:
+            raise ValueError(f"topic #{position} is blank: give it some text or remove it")
+        if len(text) > MAX_TOPIC_LENGTH:
+            raise ValueError(
+                f"topic #{position} is {len(text)} characters long; at most {MAX_TOPIC_LENGTH} are allowed"
+            )
+        if any(ch in text for ch in "\r\n\t\x00") or any(ord(ch) < 32 for ch in text):
+            raise ValueError(f"topic #{position} {text[:60]!r} contains a line break or control character")
+        if text in first_seen:
+            raise ValueError(
+                f"topic #{position} {text!r} repeats topic #{first_seen[text]}: each topic may appear once"
+            )
+        first_seen[text] = position
+        cleaned.append(text)
+    for name, value in (("max_iterations", max_iterations), ("quality_threshold", quality_threshold)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10:
+            raise ValueError(f"{name} must be a whole number from 1 to 10, got {value!r}")
+    return cleaned
+
+
+def describe_error(error: BaseException) -> str:
+    """'ValueError: message' even when Flyte wrapped the original exception."""
+    kind = getattr(error, "code", None) or type(error).__name__
+    return f"{kind}: {error}"
+
+
+@driver_env.task
+async def report_batch_pipeline(
+    topics: list[str], max_iterations: int = 3, quality_threshold: int = 8, report_date: str = ""
+) -> list[TopicReport]:
+    """Refine every topic concurrently, then format every report concurrently."""
+    topics = validate_batch(topics, max_iterations, quality_threshold)
+    report_date = report_date or dt.date.today().isoformat()
+    reports = {topic: TopicReport(topic=topic, slug=slugify(topic)) for topic in topics}
+
+    with flyte.group("refine_all"):
+        # return_exceptions: a failed topic becomes a value, and its siblings run to completion.
+        refined = await asyncio.gather(
+            *(refine_report(topic, max_iterations, quality_threshold) for topic in topics),
+            return_exceptions=True,
+        )
+    for topic, outcome in zip(topics, refined):
+        if isinstance(outcome, BaseException):
+            reports[topic].error = describe_error(outcome)
+            emit(topic, "error", error=reports[topic].error)
+        else:
+            reports[topic].result = outcome
+
+    done = [report for report in reports.values() if report.result is not None]
+    with flyte.group("format_all"):
+        formatted = await asyncio.gather(
+            *(format_outputs(report.result, report_date) for report in done), return_exceptions=True
+        )
+    for report, outcome in zip(done, formatted):
+        if isinstance(outcome, BaseException):
+            report.error = describe_error(outcome)
+            emit(report.topic, "error", error=report.error)
+        else:
+            report.files = outcome
+            emit(report.topic, "done", score=report.result.final_score)
+    return list(reports.values())
+
+
+# {{/docs-fragment batch-driver}}
+
+
+# {{docs-fragment durable-outputs}}
+@dataclasses.dataclass
+class BatchResult:
+    """What a run produced, as data: widgets, tests and papermill all read this."""
+
+    run_id: str
+    run_dir: Path
+    report_date: str
+    model: str
+    reports: list[TopicReport]
+    llm_usage: Usage  # spent by this run; a cache hit costs nothing
+    cached_topics: list[str]
+
+    @property
+    def index_path(self) -> Path:
+        return self.run_dir / "index.html"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.run_dir / "summary.json"
+
+    def folder(self, topic: str) -> Path:
+        return self.run_dir / slugify(topic)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One plain dict per topic: topic, iterations, final score, tokens, error."""
+        return [_summary_row(report, self) for report in self.reports]
+
+
+def _summary_row(report: TopicReport, batch: BatchResult) -> dict[str, Any]:
+    result = report.result
+    usage = (result.usage if result else Usage()) + (report.files.usage if report.files else Usage())
+    return {
+        "topic": report.topic,
+        "slug": report.slug,
+        "status": "ok" if report.ok else "error",
+        "iterations": result.iterations if result else 0,
+        "final_score": result.final_score if result else None,
+        "score_history": [r.score for r in result.history] if result else [],
+        "improvements_history": [r.improvements for r in result.history] if result else [],
+        "cached": report.topic in batch.cached_topics,
+        "usage": usage.model_dump() | {"total_tokens": usage.total_tokens},
+        "files": {name: f"{report.slug}/{name}" for name in REPORT_FILES} if report.files else {},
+        "error": report.error,
+    }
+
+
+REPORT_FILES = ("report.md", "report.html", "summary.txt")
+
+
+def format_index_html(batch: BatchResult) -> str:
+    rows = []
+    for row in batch.rows():
+        topic = html.escape(row["topic"])
+        link = f'<a href="{html.escape(row["slug"])}/report.html">{topic}</a>' if row["files"] else topic
+        score = "" if row["final_score"] is None else f"{row['final_score']}/10"
+        error = html.escape(row["error"] or "")
+        rows.append(
+            f"<tr><td>{link}</td><td>{score}</td><td>{row['iterations']}</td>"
+            f"<td>{row['usage']['total_tokens']}</td><td>{error}</td></tr>"
+        )
+    ok = sum(1 for report in batch.reports if report.ok)
+    body = (
+        f"<header>\n<h1>Reports: run {html.escape(batch.run_id)}</h1>\n"
+        f"<p>{html.escape(batch.report_date)} · {html.escape(batch.model)} · "
+        f"{ok} of {len(batch.reports)} topics succeeded</p>\n</header>\n<main>\n<table>\n"
+        "<thead><tr><th>Topic</th><th>Score</th><th>Rounds</th><th>Tokens</th><th>Error</th></tr></thead>\n"
+        f"<tbody>\n{chr(10).join(rows)}\n</tbody>\n</table>\n</main>\n"
+    )
+    return html_page(f"Reports: run {batch.run_id}", body)
+
+
+def summary_document(batch: BatchResult) -> dict[str, Any]:
+    """summary.json: deterministic for the same inputs (no clock, no absolute paths)."""
+    return {
+        "run_id": batch.run_id,
+        "report_date": batch.report_date,
+        "model": batch.model,
+        "topics": batch.rows(),
+        "totals": {
+            "topics": len(batch.reports),
+            "succeeded": sum(1 for r in batch.reports if r.ok),
+            "failed": sum(1 for r in batch.reports if not r.ok),
+            "cached": len(batch.cached_topics),
+            "llm_usage": batch.llm_usage.model_dump() | {"total_tokens": batch.llm_usage.total_tokens},
+        },
+    }
+
+
+def save_run(batch: BatchResult) -> BatchResult:
+    """Copy every report into ``<run_dir>/<slug>/`` with an index, atomically.
+
+    The run folder is built beside its final name and moved into place at the
+    end, so a crash leaves either the previous folder or the complete new one.
+    """
+    staging = staging_dir_for(batch.run_dir)
+    try:
+        for report in batch.reports:
+            if report.files is None:
+                continue
+            source = Path(report.files.folder.download_sync())
+            target = staging / report.slug
+            shutil.copytree(source, target)
+            if source.is_relative_to(tempfile.gettempdir()) and source.name.startswith("report-"):
+                shutil.rmtree(source, ignore_errors=True)  # our own scratch folder, now copied
+        atomic_write_text(staging / "index.html", format_index_html(batch))
+        atomic_write_text(
+            staging / "summary.json", json.dumps(summary_document(batch), indent=2, ensure_ascii=False) + "\n"
+        )
+        replace_dir(staging, batch.run_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return batch
+
+
+# {{/docs-fragment durable-outputs}}
+
+
+# {{docs-fragment run-batch}}
+_announced = False
+
+
+def announce_backend() -> None:
+    """Say once per process which model writes the reports (never the key)."""
+    global _announced
+    if not _announced:
+        print(f"Reports are written by the {settings.describe()}.", flush=True)
+        _announced = True
+
+
+def init_flyte() -> None:
+    """Local mode, with run history and the task cache in the project's .flyte/ folder."""
+    if not getattr(init_flyte, "done", False):
+        flyte.init_from_config()
+        logging.getLogger("flyte").setLevel(logging.CRITICAL)  # failures are reported per topic instead
+        init_flyte.done = True  # type: ignore[attr-defined]
+
+
+def run_batch(
+    topics: Sequence[str],
+    *,
+    max_iterations: int = 3,
+    quality_threshold: int = 8,
+    report_date: str | None = None,
+    output_dir: str | Path | None = None,
+    run_id: str | None = None,
+    on_event: ProgressListener | None = None,
+    use_cache: bool = True,
+) -> BatchResult:
+    """Run the batch locally and save it: the one entry point for the CLI, notebooks, widgets and tests."""
+    topics = validate_batch(topics, max_iterations, quality_threshold)
+    settings.check_ready()
+    report_date = report_date or dt.date.today().isoformat()
+    run_id = run_id or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if not re.fullmatch(r"[\w.-]{1,64}", run_id) or run_id.startswith("."):
+        raise ValueError(f"run_id {run_id!r} must be 1-64 letters, digits, '.', '_' or '-', not starting with '.'")
+    announce_backend()
+    init_flyte()
+    if on_event:
+        _listeners.append(on_event)
+    try:
+        run = flyte.with_runcontext(mode="local", disable_run_cache=not use_cache).run(
+            report_batch_pipeline,
+            topics=topics,
+            max_iterations=max_iterations,
+            quality_threshold=quality_threshold,
+            report_date=report_date,
+        )
+        reports: list[TopicReport] = run.outputs()[0]
+    finally:
+        if on_event:
+            _listeners.remove(on_event)
+    this_run = Path(run.url).name
+    cached = [r.topic for r in reports if r.result and r.result.produced_in_run not in ("", this_run)]
+    spent = Usage()
+    for report in reports:
+        if report.result and report.topic not in cached:
+            spent += report.result.usage
+        if report.files:
+            spent += report.files.usage
+    batch = BatchResult(
+        run_id=run_id,
+        run_dir=Path(output_dir or settings.reports_dir).expanduser().resolve() / run_id,
+        report_date=report_date,
+        model=settings.model_name,
+        reports=reports,
+        llm_usage=spent,
+        cached_topics=cached,
+    )
+    return save_run(batch)
+
+
+# {{/docs-fragment run-batch}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Generate refined reports for one or more topics, locally.")
+    parser.add_argument("topics", nargs="+", help="one or more topics, each in quotes")
+    parser.add_argument("--max-iterations", type=int, default=3, help="critique rounds per topic, 1-10 (default 3)")
+    parser.add_argument("--quality-threshold", type=int, default=8, help="score that ends refinement, 1-10 (default 8)")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: REPORTS_DIR or {settings.reports_dir})")
+    parser.add_argument("--run-id", default=None, help="name of the run folder (default: the current time)")
+    parser.add_argument("--date", default=None, help="report date for the front matter (default: today)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute every topic instead of reusing cached results")
+    args = parser.parse_args(argv)
+    try:
+        batch = run_batch(
+            args.topics,
+            max_iterations=args.max_iterations,
+            quality_threshold=args.quality_threshold,
+            report_date=args.date,
+            output_dir=args.out,
+            run_id=args.run_id,
+            use_cache=not args.no_cache,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for row in batch.rows():
+        outcome = f"score {row['final_score']}/10 after {row['iterations']} round(s)" if row["status"] == "ok" else row["error"]
+        print(f"  {row['topic']}: {outcome}")
+    failed = sum(1 for r in batch.reports if not r.ok)
+    print(f"{len(batch.reports) - failed} of {len(batch.reports)} reports written; index: {batch.index_path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Test isolation, set up before anything imports flyte or pipeline.
+
+* Flyte finds its config (and so its task cache and run history) from the
+  working directory: every test session runs in a scratch folder with its own
+  ``.flyte/config.yaml``, so no test reads a cache entry left by an earlier
+  session or by the learner's own runs.
+* The offline model is selected explicitly, and no real API key or base URL
+  from the developer's shell can leak into a test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRATCH = Path(tempfile.mkdtemp(prefix="report-tests-"))
+(SCRATCH / ".flyte").mkdir()
+(SCRATCH / ".flyte" / "config.yaml").write_text("local:\n  persistence: true\n")
+os.chdir(SCRATCH)
+
+for variable in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "REPORT_MODEL", "REPORT_MAX_CONCURRENCY", "REPORT_OFFLINE_LATENCY"):
+    os.environ.pop(variable, None)
+os.environ["REPORT_BACKEND"] = "offline"
+os.environ["REPORTS_DIR"] = str(SCRATCH / "reports")
+os.environ["DO_NOT_TRACK"] = "1"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    os.chdir(ROOT)
+    shutil.rmtree(SCRATCH, ignore_errors=True)
+
+
+@pytest.fixture
+def scratch_project(tmp_path: Path) -> Path:
+    """A folder with its own Flyte config, for subprocesses that need a cache of their own."""
+    (tmp_path / ".flyte").mkdir()
+    (tmp_path / ".flyte" / "config.yaml").write_text("local:\n  persistence: true\n")
+    return tmp_path
+
+
+def subprocess_env(**overrides: str) -> dict[str, str]:
+    """The environment for a child process: offline, no keys, the project importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "REPORT"))}
+    env.update(REPORT_BACKEND="offline", PYTHONPATH=str(ROOT), DO_NOT_TRACK="1")
+    env.update(overrides)
+    return env

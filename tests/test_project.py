@@ -1,0 +1,40 @@
+"""Project hygiene: declared dependencies agree, docs fragments are well formed."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import yaml
+from conftest import ROOT
+
+
+def test_environment_yml_lists_the_same_dependencies_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = set(project["dependencies"]) | set(project["optional-dependencies"]["test"])
+    environment = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(item["pip"] for item in environment["dependencies"] if isinstance(item, dict))
+    assert set(pip_section) - {"-e ."} == declared
+    assert "-e ." in pip_section
+    assert "python=3.12" in environment["dependencies"]
+
+
+def test_constraints_pin_every_declared_dependency():
+    pinned = {
+        line.split("==")[0].lower().replace("_", "-")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line
+    }
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"] + project["optional-dependencies"]["test"]:
+        name = re.split(r"[\[<>=!~ ]", requirement, maxsplit=1)[0].lower()
+        assert name in pinned, requirement
+
+
+def test_docs_fragments_are_balanced_and_unique():
+    for module in ("pipeline.py",):
+        text = (ROOT / module).read_text()
+        opened = re.findall(r"# \{\{docs-fragment ([\w-]+)\}\}", text)
+        closed = re.findall(r"# \{\{/docs-fragment ([\w-]+)\}\}", text)
+        assert opened == closed, (module, opened, closed)
+        assert len(opened) == len(set(opened))
