@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRATCH = Path(tempfile.mkdtemp(prefix="report-tests-"))
 (SCRATCH / ".flyte").mkdir()
 (SCRATCH / ".flyte" / "config.yaml").write_text("local:\n  persistence: true\n")
-os.chdir(SCRATCH)
 
 for variable in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "REPORT_MODEL", "REPORT_MAX_CONCURRENCY", "REPORT_OFFLINE_LATENCY"):
     os.environ.pop(variable, None)
@@ -33,8 +32,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+@pytest.fixture(scope="session", autouse=True)
+def run_in_scratch_folder():
+    """Flyte discovers its config on first use, which happens inside tests: from here."""
+    os.chdir(SCRATCH)
+    yield
     os.chdir(ROOT)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(SCRATCH, ignore_errors=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 import tomllib
 
 import yaml
@@ -38,3 +39,12 @@ def test_docs_fragments_are_balanced_and_unique():
         closed = re.findall(r"# \{\{/docs-fragment ([\w-]+)\}\}", text)
         assert opened == closed, (module, opened, closed)
         assert len(opened) == len(set(opened))
+
+
+def test_flyte_cache_of_the_test_session_is_isolated_from_the_project(tmp_path):
+    import pipeline
+    from conftest import SCRATCH
+    from flyte._persistence._db import LocalDB
+
+    pipeline.run_batch(["Isolation check"], max_iterations=1, output_dir=tmp_path, run_id="iso")
+    assert (SCRATCH / ".flyte" / "local-cache").resolve() == Path(LocalDB._get_cache_dir()).resolve()
