@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TOPICS ?= "Quantum computing" "Why cats purr" "Remote work and small businesses"
 
-.PHONY: install report test notebooks clean
+.PHONY: install report test notebooks lab clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed; run: make PYTHON=python3.12 ...")'
@@ -23,6 +23,15 @@ report: install
 
 test: install
 	$(PY) -m pytest
+
+# Maintainers: after changing pipeline.py or a notebook, restart-and-run-all every notebook
+# (offline model, fresh Flyte cache) and regenerate the navigation links and the index.
+notebooks: install
+	$(PY) tools/notebook_nav.py
+	$(PY) tools/execute_notebooks.py
+
+lab: install
+	$(VENV)/bin/jupyter lab notebooks/00_setup.ipynb
 
 clean:
 	rm -rf reports build .pytest_cache

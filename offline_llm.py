@@ -43,7 +43,7 @@ import httpx2
 
 # Bump when the model's behaviour changes: the pipeline folds it into its cache
 # keys, so a changed offline model never serves an old cached report.
-MODEL_VERSION = "offline-reporter-2"
+MODEL_VERSION = "offline-reporter-3"
 
 ASPECTS = (
     "Background",
@@ -407,17 +407,19 @@ def revise(markdown: str, topic: str, improvements: tuple[str, ...]) -> str:
 # --------------------------------------------------------------------------- summary
 
 
+def _sentences(text: str) -> list[str]:
+    prose = "\n".join(line for line in text.splitlines() if line.strip() and not line.lstrip().startswith(("#", "-", "*", "|")))
+    found = (s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", prose))
+    return [s for s in found if len(s.split()) >= 5 and s.endswith((".", "!", "?"))]
+
+
 def summarize(markdown: str, sentences: int = 3) -> str:
-    """Extractive: the highest-scoring sentences by content-word frequency, in document order."""
-    prose = "\n".join(
-        line for line in markdown.splitlines() if line.strip() and not line.lstrip().startswith(("#", "-", "*"))
-    )
-    sentences_found = (s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", prose))
-    candidates = [s for s in sentences_found if len(s.split()) >= 5 and s.endswith((".", "!", "?"))]
-    if not candidates:
-        return prose.strip() or "The report is empty."
+    """Extractive, as an editor skims: the introduction's lead, the most central section leads, the conclusion's lead.
+
+    Section leads are ranked by how many of the report's frequent content words they carry.
+    """
     frequency: dict[str, int] = {}
-    for word in re.findall(r"\w+", prose.lower()):
+    for word in re.findall(r"\w+", markdown.lower()):
         if word not in STOPWORDS:
             frequency[word] = frequency.get(word, 0) + 1
 
@@ -425,14 +427,15 @@ def summarize(markdown: str, sentences: int = 3) -> str:
         words = [w for w in re.findall(r"\w+", sentence.lower()) if w not in STOPWORDS]
         return sum(frequency.get(w, 0) for w in words) / math.sqrt(len(words) or 1)
 
-    ranked = sorted(range(len(candidates)), key=lambda i: (-weight(candidates[i]), i))
-    chosen: list[int] = []
-    for index in ranked:
-        if candidates[index] not in (candidates[c] for c in chosen):
-            chosen.append(index)
-        if len(chosen) == sentences:
-            break
-    return " ".join(candidates[i] for i in sorted(chosen))
+    leads = {heading.lower(): found[0] for heading, body in _sections(markdown) if (found := _sentences(body))}
+    opening, closing = leads.pop("introduction", None), leads.pop("conclusion", None)
+    if not leads and not opening and not closing:
+        return " ".join(_sentences(markdown)[:sentences]) or "The report is empty."
+    room = sentences - (opening is not None) - (closing is not None)
+    order = list(leads.values())
+    middle = sorted(order, key=lambda s: (-weight(s), order.index(s)))[: max(room, 0)]
+    middle.sort(key=order.index)  # keep the report's order
+    return " ".join(s for s in (opening, *middle, closing) if s)
 
 
 # --------------------------------------------------------------------------- the chat completion

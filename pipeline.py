@@ -57,7 +57,7 @@ from openai import AsyncOpenAI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import offline_llm
-from plumbing import InflightLimit, atomic_write_text, replace_dir, slugify, staging_dir_for
+from plumbing import InflightLimit, Tally, atomic_write_text, replace_dir, slugify, staging_dir_for
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("pipeline")
@@ -157,7 +157,7 @@ def _positive_float(env: dict[str, str], name: str, default: float, minimum: flo
 settings = Settings.from_env()
 
 
-def configure(**changes: Any) -> Settings:
+def configure(**changes: Any) -> None:
     """Change settings for this process, e.g. ``configure(offline_latency=0.2)``.
 
     New LLM clients are made on the next call. Cached task results stay valid:
@@ -167,7 +167,6 @@ def configure(**changes: Any) -> Settings:
     settings = dataclasses.replace(settings, **changes)
     _limit = InflightLimit(settings.max_concurrency)
     _clients.clear()
-    return settings
 
 
 # {{/docs-fragment settings}}
@@ -239,6 +238,7 @@ class LLMReply(BaseModel):
 # pool) must never be shared between two loops.
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncOpenAI] = weakref.WeakKeyDictionary()
 _limit = InflightLimit(settings.max_concurrency)
+requests_sent = Tally()  # every chat completion this process asked a model for
 
 
 def get_client() -> AsyncOpenAI:
@@ -268,6 +268,7 @@ async def call_llm(system: str, prompt: str, json_mode: bool = False) -> LLMRepl
     """One chat completion. Traced: on a cluster a retried task replays it from its checkpoint."""
     extra = {"response_format": {"type": "json_object"}} if json_mode else {}
     async with _limit:
+        requests_sent.add()
         response = await get_client().chat.completions.create(
             model=settings.model_name,
             messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}],
@@ -649,6 +650,36 @@ def validate_batch(topics: Any, max_iterations: Any, quality_threshold: Any) -> 
     return cleaned
 
 
+def coerce_topics(value: Any) -> list[str]:
+    """Accept topics as a list, or as the text papermill's ``-p`` and text boxes produce.
+
+    A YAML/JSON list in a string (``"[A, B]"``) is parsed; text with one topic
+    per line is split; a single line without commas is one topic. A single line
+    with commas is ambiguous ("Kubernetes: cost, scale" is one topic), so it is
+    rejected with the way to pass a list. The result still goes through
+    ``validate_batch``.
+    """
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            parsed = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"topics {text[:80]!r} looks like a list but does not parse: {error}") from None
+        if not isinstance(parsed, list):
+            raise ValueError(f"topics {text[:80]!r} must be a list like [Topic A, Topic B]")
+        return [str(item) if isinstance(item, (int, float)) else item for item in parsed]
+    if "\n" in text:
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    if "," in text:
+        raise ValueError(
+            f"topics arrived as one string, {text[:80]!r}: is that one topic or several? Pass a list instead: "
+            "papermill -y 'topics: [Topic A, Topic B]' (or -f params.yaml), or one topic per line."
+        )
+    return [text]
+
+
 def describe_error(error: BaseException) -> str:
     """'ValueError: message' even when Flyte wrapped the original exception."""
     kind = getattr(error, "code", None) or type(error).__name__
@@ -707,6 +738,7 @@ class BatchResult:
     reports: list[TopicReport]
     llm_usage: Usage  # spent by this run; a cache hit costs nothing
     cached_topics: list[str]
+    flyte_run_name: str = ""  # where Flyte's local run history keeps this run
 
     @property
     def index_path(self) -> Path:
@@ -884,6 +916,7 @@ def run_batch(
         reports=reports,
         llm_usage=spent,
         cached_topics=cached,
+        flyte_run_name=this_run,
     )
     return save_run(batch)
 

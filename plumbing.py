@@ -1,6 +1,7 @@
 """Small, general helpers that ``pipeline.py`` uses but does not teach.
 
 * ``InflightLimit``: a cap on concurrent work that holds across event loops.
+* ``Tally``: a thread-safe counter.
 * ``slugify``: safe, unique, readable folder names for arbitrary topics.
 * ``atomic_write_text`` and ``replace_dir``: no half-written file or folder
   after a crash.
@@ -88,6 +89,22 @@ class InflightLimit:
             self._release()
         else:
             waiter.set_result(None)
+
+
+class Tally:
+    """A thread-safe running count."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value = 0
+
+    def add(self, amount: int = 1) -> None:
+        with self._lock:
+            self._value += amount
+
+    @property
+    def value(self) -> int:
+        return self._value
 
 
 # --------------------------------------------------------------------------- names on disk

@@ -1,0 +1,71 @@
+"""Restart and run all: execute notebooks in a fresh copy of the project and save their outputs.
+
+    python tools/execute_notebooks.py                      # every notebook
+    python tools/execute_notebooks.py 03_refinement_loop   # some
+
+Outputs come from the offline model and an empty Flyte cache (see
+scratch_project.py), so saving them again changes nothing unless the code
+did. Volatile metadata (execution times, widget state) is not kept, and every
+notebook's kernelspec is set to ``python3``. Prints each notebook's run time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from notebook_nav import notebook_paths  # noqa: E402
+from scratch_project import ROOT, make_scratch_project, scratch_environment  # noqa: E402
+
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+
+
+def normalize(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    notebook.metadata = {
+        "kernelspec": dict(KERNELSPEC),
+        "language_info": {"name": "python", "pygments_lexer": "ipython3"},
+    }
+    for cell in notebook.cells:
+        cell.metadata.pop("execution", None)
+        cell.metadata.pop("papermill", None)
+    return notebook
+
+
+def execute(path: Path) -> float:
+    with tempfile.TemporaryDirectory(prefix="nb-run-") as scratch:
+        project = make_scratch_project(Path(scratch) / "project")
+        notebook = nbformat.read(project / "notebooks" / path.name, as_version=4)
+        saved_env = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(scratch_environment(project))
+        try:
+            started = time.perf_counter()
+            client = NotebookClient(
+                notebook, kernel_name="python3", timeout=300, store_widget_state=False, record_timing=False,
+                resources={"metadata": {"path": str(project / "notebooks")}},
+            )
+            client.execute()
+            elapsed = time.perf_counter() - started
+        finally:
+            os.environ.clear()
+            os.environ.update(saved_env)
+    path.write_text(nbformat.writes(normalize(notebook)) + "\n", encoding="utf-8")
+    return elapsed
+
+
+def main(names: list[str]) -> int:
+    paths = [p for p in notebook_paths() if not names or any(p.stem.startswith(n) for n in names)]
+    for path in paths:
+        print(f"{path.name}: {execute(path):.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
