@@ -524,38 +524,46 @@ class OfflineTransport(httpx2.AsyncBaseTransport):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # without it every reply waits ~40 ms on delayed ACKs
-    latency = 0.0
 
-    def _reply(self, status: int, payload: dict[str, Any]) -> None:
+    def reply(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._reply(*route("GET", self.path, b""))
+        self.server.owner.handle(self, "GET", b"")  # type: ignore[attr-defined]
 
     def do_POST(self) -> None:  # noqa: N802
         length = int(self.headers.get("Content-Length") or 0)
-        status, payload = route("POST", self.path, self.rfile.read(length))
-        if self.latency and status == 200:
-            time.sleep(self.latency)
-        self._reply(status, payload)
+        self.server.owner.handle(self, "POST", self.rfile.read(length))  # type: ignore[attr-defined]
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass
 
 
 class OfflineServer:
-    """The offline model on ``http://127.0.0.1:<port>/v1``; ``port=0`` picks a free one."""
+    """The offline model on ``http://127.0.0.1:<port>/v1``; ``port=0`` picks a free one.
+
+    Subclasses can override ``handle`` to shape replies (tests inject faults this way).
+    """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, latency: float = 0.0) -> None:
-        handler = type("Handler", (_Handler,), {"latency": latency})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.latency = latency
+        self.httpd = ThreadingHTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
+        self.httpd.owner = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
+
+    def handle(self, handler: _Handler, method: str, raw_body: bytes) -> None:
+        status, payload = route(method, handler.path, raw_body)
+        if self.latency and status == 200 and "choices" in payload:
+            time.sleep(self.latency)
+        handler.reply(status, payload)
 
     @property
     def base_url(self) -> str:

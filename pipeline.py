@@ -49,6 +49,7 @@ from typing import Any
 import flyte
 import flyte.errors
 import httpx2
+import openai
 import yaml
 from flyte._cache.policy_function_body import FunctionBodyPolicy
 from flyte.io import Dir
@@ -57,6 +58,7 @@ from openai import AsyncOpenAI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import offline_llm
+from llm_cache import CachedReply, ResponseCache, request_key
 from plumbing import InflightLimit, Tally, atomic_write_text, replace_dir, slugify, staging_dir_for
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -78,6 +80,7 @@ class Settings:
     request_timeout: float = 120.0  # seconds per HTTP request; CPU-hosted models are slow
     client_retries: int = 3  # the openai client's own retries: 408, 409, 429, 5xx, timeouts
     offline_latency: float = 0.0  # seconds the offline model waits per reply, to mimic a real API
+    llm_cache: Path | None = PROJECT_ROOT / ".llm-cache" / "replies.sqlite3"  # None: every call goes to the model
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -90,6 +93,11 @@ class Settings:
                 "or 'openai' (OpenAI or any OpenAI-compatible server such as Ollama, vLLM or llama.cpp)."
             )
         reports_dir = Path(env["REPORTS_DIR"]).expanduser().resolve() if env.get("REPORTS_DIR") else cls.reports_dir
+        cache_setting = (env.get("REPORT_LLM_CACHE") or "").strip()
+        if cache_setting.lower() in ("off", "0", "false", "no", "none"):
+            llm_cache = None
+        else:
+            llm_cache = Path(cache_setting).expanduser().resolve() if cache_setting else cls.llm_cache
         return cls(
             backend=backend,
             model=env.get("REPORT_MODEL") or cls.model,
@@ -99,7 +107,13 @@ class Settings:
             request_timeout=_positive_float(env, "REPORT_REQUEST_TIMEOUT", cls.request_timeout),
             client_retries=_positive_int(env, "REPORT_CLIENT_RETRIES", cls.client_retries, minimum=0),
             offline_latency=_positive_float(env, "REPORT_OFFLINE_LATENCY", cls.offline_latency, minimum=0.0),
+            llm_cache=llm_cache,
         )
+
+    @property
+    def endpoint(self) -> str:
+        """Which server answers: part of every cached reply's key."""
+        return "offline" if self.backend == "offline" else self.base_url or "https://api.openai.com/v1"
 
     @property
     def model_name(self) -> str:
@@ -122,7 +136,8 @@ class Settings:
 
     def task_env_vars(self) -> dict[str, str]:
         """The settings a remote task container needs to behave like this process."""
-        env = {"REPORT_BACKEND": self.backend, "REPORT_MODEL": self.model}
+        # On a cluster, Flyte checkpoints traced calls; the local reply cache is not needed there.
+        env = {"REPORT_BACKEND": self.backend, "REPORT_MODEL": self.model, "REPORT_LLM_CACHE": "off"}
         if self.base_url:
             env["OPENAI_BASE_URL"] = self.base_url
         return env
@@ -163,9 +178,10 @@ def configure(**changes: Any) -> None:
     New LLM clients are made on the next call. Cached task results stay valid:
     the cache key covers the model (see ``ReportConfigPolicy``).
     """
-    global settings, _limit
+    global settings, _limit, _reply_cache
     settings = dataclasses.replace(settings, **changes)
     _limit = InflightLimit(settings.max_concurrency)
+    _reply_cache = None
     _clients.clear()
 
 
@@ -207,9 +223,10 @@ class Critique(BaseModel):
 
 
 class Usage(BaseModel):
-    """Requests made and tokens spent; adds up across calls, topics and runs."""
+    """Requests sent, replies reused from the cache, tokens spent; adds up across calls, topics and runs."""
 
     requests: int = 0
+    cache_hits: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -220,6 +237,7 @@ class Usage(BaseModel):
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             requests=self.requests + other.requests,
+            cache_hits=self.cache_hits + other.cache_hits,
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
         )
@@ -238,7 +256,9 @@ class LLMReply(BaseModel):
 # pool) must never be shared between two loops.
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncOpenAI] = weakref.WeakKeyDictionary()
 _limit = InflightLimit(settings.max_concurrency)
-requests_sent = Tally()  # every chat completion this process asked a model for
+_reply_cache: ResponseCache | None = None
+requests_sent = Tally()  # chat completions this process asked a model for
+cache_hits = Tally()  # replies this process reused from the reply cache
 
 
 def get_client() -> AsyncOpenAI:
@@ -263,28 +283,58 @@ def make_client(config: Settings) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=config.base_url, **common)
 
 
+def reply_cache() -> ResponseCache | None:
+    global _reply_cache
+    if settings.llm_cache is not None and (_reply_cache is None or _reply_cache.path != settings.llm_cache):
+        _reply_cache = ResponseCache(settings.llm_cache)
+    return _reply_cache if settings.llm_cache is not None else None
+
+
+class EmptyReplyError(RuntimeError):
+    """The model answered with no text, more than once."""
+
+
+EMPTY_REPLY_RETRIES = 2
+
+
 @flyte.trace
 async def call_llm(system: str, prompt: str, json_mode: bool = False) -> LLMReply:
-    """One chat completion. Traced: on a cluster a retried task replays it from its checkpoint."""
-    extra = {"response_format": {"type": "json_object"}} if json_mode else {}
+    """One chat completion. Traced: on a cluster a retried task replays it from its checkpoint.
+
+    Locally, the reply cache plays that role: an identical request is answered from disk.
+    """
+    request = {
+        "model": settings.model_name,
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+        "temperature": 0.2,
+        **({"response_format": {"type": "json_object"}} if json_mode else {}),
+    }
+    cache, key = reply_cache(), request_key(settings.endpoint, request)
+    if cache is not None and (hit := cache.get(key)) is not None:
+        cache_hits.add()
+        return LLMReply(text=hit.content, usage=Usage(cache_hits=1))
+    usage = Usage()
     async with _limit:
-        requests_sent.add()
-        response = await get_client().chat.completions.create(
-            model=settings.model_name,
-            messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}],
-            temperature=0.2,
-            **extra,
-        )
-    text = response.choices[0].message.content or ""
-    tokens = response.usage
-    return LLMReply(
-        text=text,
-        usage=Usage(
-            requests=1,
-            prompt_tokens=tokens.prompt_tokens if tokens else 0,
-            completion_tokens=tokens.completion_tokens if tokens else 0,
-        ),
-    )
+        for _ in range(1 + EMPTY_REPLY_RETRIES):
+            requests_sent.add()
+            try:
+                response = await get_client().chat.completions.create(**request)
+            except openai.APIStatusError as error:  # a server may quote the key it rejected
+                raise type(error)(redact(error.message), response=error.response, body=None) from None
+            tokens = response.usage
+            usage += Usage(
+                requests=1,
+                prompt_tokens=tokens.prompt_tokens if tokens else 0,
+                completion_tokens=tokens.completion_tokens if tokens else 0,
+            )
+            text = response.choices[0].message.content or ""
+            if text.strip():
+                break
+        else:
+            raise EmptyReplyError(f"the model returned an empty reply {usage.requests} times in a row")
+    if cache is not None:
+        cache.put(key, CachedReply(text, usage.prompt_tokens, usage.completion_tokens))
+    return LLMReply(text=text, usage=usage)
 
 
 # {{/docs-fragment llm-call}}
@@ -681,9 +731,15 @@ def coerce_topics(value: Any) -> list[str]:
 
 
 def describe_error(error: BaseException) -> str:
-    """'ValueError: message' even when Flyte wrapped the original exception."""
+    """'ValueError: message' even when Flyte wrapped the original exception; never contains the API key."""
     kind = getattr(error, "code", None) or type(error).__name__
-    return f"{kind}: {error}"
+    return redact(f"{kind}: {error}")
+
+
+def redact(text: str) -> str:
+    """Servers sometimes echo the key they rejected; it must not reach a report, a log or a notebook."""
+    key = os.environ.get("OPENAI_API_KEY", "")
+    return text.replace(key, "[API key]") if len(key) >= 8 else text
 
 
 @driver_env.task
@@ -858,6 +914,32 @@ def announce_backend() -> None:
         _announced = True
 
 
+class BackendUnavailable(RuntimeError):
+    """The configured model server cannot be used; the message says what to check."""
+
+
+def check_backend(timeout: float = 10.0) -> None:
+    """Before a batch, one cheap request (list models) to a real server: fail once, clearly, not per topic."""
+    settings.check_ready()
+    if settings.backend == "offline":
+        return
+    where = settings.endpoint
+    try:
+        with openai.OpenAI(base_url=settings.base_url, timeout=timeout, max_retries=0) as client:
+            client.models.list()
+    except openai.AuthenticationError as error:
+        raise BackendUnavailable(
+            f"The server at {where} rejected the API key (HTTP {error.status_code}): check OPENAI_API_KEY."
+        ) from None
+    except openai.NotFoundError:
+        pass  # some OpenAI-compatible servers do not list models; the first real call will tell
+    except openai.APIConnectionError as error:
+        raise BackendUnavailable(
+            f"Cannot reach the model server at {where} ({redact(str(error.__cause__ or error))}). "
+            "Is it running? Check OPENAI_BASE_URL, or unset it and OPENAI_API_KEY to use the offline model."
+        ) from None
+
+
 def init_flyte() -> None:
     """Local mode, with run history and the task cache in the project's .flyte/ folder."""
     if not getattr(init_flyte, "done", False):
@@ -879,7 +961,7 @@ def run_batch(
 ) -> BatchResult:
     """Run the batch locally and save it: the one entry point for the CLI, notebooks, widgets and tests."""
     topics = validate_batch(topics, max_iterations, quality_threshold)
-    settings.check_ready()
+    check_backend()
     report_date = report_date or dt.date.today().isoformat()
     run_id = run_id or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     if not re.fullmatch(r"[\w.-]{1,64}", run_id) or run_id.startswith("."):
@@ -934,8 +1016,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: REPORTS_DIR or {settings.reports_dir})")
     parser.add_argument("--run-id", default=None, help="name of the run folder (default: the current time)")
     parser.add_argument("--date", default=None, help="report date for the front matter (default: today)")
-    parser.add_argument("--no-cache", action="store_true", help="recompute every topic instead of reusing cached results")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="ask the model again: skip Flyte's task cache and the reply cache")
     args = parser.parse_args(argv)
+    if args.no_cache:
+        configure(llm_cache=None)
     try:
         batch = run_batch(
             args.topics,
@@ -946,7 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
             run_id=args.run_id,
             use_cache=not args.no_cache,
         )
-    except ValueError as error:
+    except (ValueError, BackendUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for row in batch.rows():

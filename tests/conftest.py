@@ -27,6 +27,7 @@ for variable in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "REPORT_MODEL", "REPORT_MA
     os.environ.pop(variable, None)
 os.environ["REPORT_BACKEND"] = "offline"
 os.environ["REPORTS_DIR"] = str(SCRATCH / "reports")
+os.environ["REPORT_LLM_CACHE"] = str(SCRATCH / "llm-cache" / "replies.sqlite3")
 os.environ["DO_NOT_TRACK"] = "1"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -38,6 +39,14 @@ def run_in_scratch_folder():
     os.chdir(SCRATCH)
     yield
     os.chdir(ROOT)
+
+
+@pytest.fixture(autouse=True)
+def fresh_reply_cache(tmp_path_factory):
+    """Every test starts with an empty reply cache, so request counts never depend on test order."""
+    import pipeline
+
+    pipeline.configure(llm_cache=tmp_path_factory.mktemp("llm-cache") / "replies.sqlite3")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -55,6 +64,7 @@ def scratch_project(tmp_path: Path) -> Path:
 def subprocess_env(**overrides: str) -> dict[str, str]:
     """The environment for a child process: offline, no keys, the project importable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "REPORT"))}
-    env.update(REPORT_BACKEND="offline", PYTHONPATH=str(ROOT), DO_NOT_TRACK="1")
+    fresh_cache = Path(tempfile.mkdtemp(prefix="llm-cache-", dir=SCRATCH)) / "replies.sqlite3"
+    env.update(REPORT_BACKEND="offline", REPORT_LLM_CACHE=str(fresh_cache), PYTHONPATH=str(ROOT), DO_NOT_TRACK="1")
     env.update(overrides)
     return env

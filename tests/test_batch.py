@@ -13,6 +13,9 @@ import pytest
 from conftest import ROOT, subprocess_env
 from helpers import ScriptedTransport, install_transport
 
+sys.path.insert(0, str(ROOT / "tools"))
+from scratch_project import MODULES  # noqa: E402
+
 import offline_llm
 import pipeline
 
@@ -28,6 +31,7 @@ TOPICS = [
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
     out = tmp_path_factory.mktemp("batch")
+    pipeline.configure(llm_cache=out / "replies.sqlite3")
     return pipeline.run_batch(TOPICS, max_iterations=3, quality_threshold=8, report_date="2026-11-29",
                               output_dir=out, run_id="e2e", use_cache=False)
 
@@ -140,7 +144,7 @@ def run_cli(args, cwd, **env):
 
 
 def copy_modules(project: Path) -> Path:
-    for module in ("pipeline.py", "offline_llm.py", "plumbing.py"):
+    for module in MODULES:
         (project / module).write_text((ROOT / module).read_text(encoding="utf-8"), encoding="utf-8")
     return project
 
@@ -152,22 +156,28 @@ def test_cache_hits_on_rerun_and_misses_when_a_prompt_changes(scratch_project):
     def run(run_id):
         done = subprocess.run([sys.executable, "pipeline.py", "Cats", "Dogs", "--out", "out", "--run-id", run_id,
                                "--date", "2026-11-29"], cwd=project, capture_output=True, text=True, timeout=300,
-                              env=subprocess_env(PYTHONPATH=str(project)))
+                              env=subprocess_env(PYTHONPATH=str(project), REPORT_LLM_CACHE=""))  # the default
         assert done.returncode == 0, done.stdout + done.stderr
         return json.loads((project / "out" / run_id / "summary.json").read_text(encoding="utf-8"))["totals"]
 
     first, second = run("first"), run("second")
     assert first["cached"] == 0 and first["llm_usage"]["requests"] > 2
-    assert second["cached"] == 2
-    assert second["llm_usage"]["requests"] == 2, "only the two summaries (format_outputs is not cached)"
+    assert second["cached"] == 2, "both topics from Flyte's task cache"
+    assert second["llm_usage"]["requests"] == 0, "the summaries come from the reply cache"
+    assert second["llm_usage"]["cache_hits"] == 2
     assert (project / ".flyte" / "local-cache" / "cache.db").exists()
+    assert (project / ".llm-cache" / "replies.sqlite3").exists()
 
     source = (project / "pipeline.py").read_text(encoding="utf-8")
     edited = source.replace("You are a report writer.", "You are a careful report writer.")
     assert edited != source
     (project / "pipeline.py").write_text(edited, encoding="utf-8")
     third = run("third")
-    assert third["cached"] == 0 and third["llm_usage"]["requests"] == first["llm_usage"]["requests"]
+    assert third["cached"] == 0, "an edited prompt invalidates the task cache"
+    # Only requests that changed are sent: the two drafts. The offline model writes the same draft
+    # for the new wording, so every later request is identical to the first run's and reused.
+    assert third["llm_usage"]["requests"] == 2
+    assert third["llm_usage"]["cache_hits"] == first["llm_usage"]["requests"] - 2
 
 
 def test_cache_key_covers_model_and_prompts(monkeypatch):

@@ -35,7 +35,7 @@ def critic_replies(*replies: str):
         (json.dumps({"score": 11, "strengths": [], "improvements": [], "summary": "s"}), "less than or equal to 10"),
         (json.dumps({"score": 0, "strengths": [], "improvements": [], "summary": "s"}), "greater than or equal to 1"),
         (json.dumps({"strengths": [], "improvements": [], "summary": "s"}), "score: Field required"),
-        ("", "Invalid JSON"),
+        ("[1, 2, 3]", "Input should be an object"),
     ],
 )
 def test_a_bad_critique_gets_one_repair_request_that_quotes_the_error(bad_reply, quoted, monkeypatch):
@@ -54,6 +54,21 @@ def test_a_bad_critique_gets_one_repair_request_that_quotes_the_error(bad_reply,
     assert reply.usage.requests == 2
     assert quoted in prompts[1], prompts[1][:300]
     assert reply.critique == pipeline.Critique.model_validate(offline_llm.critique(DRAFT, "Cats"))
+
+
+def test_an_empty_reply_is_asked_again_not_repaired(monkeypatch):
+    transport = ScriptedTransport(critic_replies("", "  \n"))
+    install_transport(monkeypatch, transport)
+    reply = asyncio.run(pipeline.critique_draft("Cats", DRAFT))
+    assert transport.count("critic") == 3, "two empty replies, then the same request once more"
+    assert reply.usage.requests == 3
+    assert reply.critique.score == offline_llm.critique(DRAFT, "Cats")["score"]
+
+
+def test_empty_replies_beyond_the_budget_are_a_clear_error(monkeypatch):
+    install_transport(monkeypatch, ScriptedTransport(lambda role, topic, content: ""))
+    with pytest.raises(pipeline.EmptyReplyError, match="empty reply 3 times in a row"):
+        asyncio.run(pipeline.write_draft("Cats"))
 
 
 def test_a_critique_invalid_twice_is_a_clear_error(monkeypatch):

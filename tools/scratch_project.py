@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("pipeline.py", "offline_llm.py", "plumbing.py", "explorer.py")
+MODULES = ("pipeline.py", "offline_llm.py", "plumbing.py", "llm_cache.py", "explorer.py")
 
 
 def make_scratch_project(destination: Path) -> Path:
