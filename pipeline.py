@@ -573,8 +573,13 @@ def is_safe_link(url: str) -> bool:
 _markdown = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False}).enable("table")
 _markdown.validateLink = is_safe_link
 
-# Defence in depth: even if something slipped through, the page may not run scripts.
-CONTENT_SECURITY_POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src https: data:"
+def render_markdown(text: str) -> str:
+    """Markdown to an HTML fragment that is safe to embed: raw HTML escaped, unsafe links dropped."""
+    return _markdown.render(text)
+
+
+# Defence in depth: even if something slipped through, the page may not run scripts or load anything remote.
+CONTENT_SECURITY_POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 
 PAGE_STYLE = """
 body { font: 16px/1.6 system-ui, sans-serif; max-width: 46rem; margin: 2rem auto; padding: 0 1rem; color: #1f2328; }
@@ -606,7 +611,7 @@ def format_as_html(result: RefineResult, report_date: str) -> str:
     meta = f"{report_date} · {result.model} · score {result.final_score}/10 after {result.iterations} round(s)"
     body = (
         f"<header>\n<h1>{html.escape(result.topic)}</h1>\n<p>{html.escape(meta)}</p>\n</header>\n"
-        f"<main>\n{_markdown.render(markdown)}</main>\n"
+        f"<main>\n{render_markdown(markdown)}</main>\n"
     )
     return html_page(result.topic, body)
 
@@ -712,6 +717,8 @@ def coerce_topics(value: Any) -> list[str]:
     if not isinstance(value, str):
         return value
     text = value.strip()
+    if not text:
+        return []
     if text.startswith("["):
         try:
             parsed = yaml.safe_load(text)
