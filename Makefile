@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TOPICS ?= "Quantum computing" "Why cats purr" "Remote work and small businesses"
 
-.PHONY: install report test notebooks lab clean
+.PHONY: install report test bench notebooks lab clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed; run: make PYTHON=python3.12 ...")'
@@ -23,6 +23,10 @@ report: install
 
 test: install
 	$(PY) -m pytest
+
+# Writes benchmarks/results.{json,md,png} and prints the table (a few minutes on 2 cores).
+bench: install
+	$(PY) benchmarks/bench.py
 
 # Maintainers: after changing pipeline.py or a notebook, restart-and-run-all every notebook
 # (offline model, fresh Flyte cache) and regenerate the navigation links and the index.

@@ -498,23 +498,32 @@ def route(method: str, path: str, raw_body: bytes) -> tuple[int, dict[str, Any]]
 # --------------------------------------------------------------------------- in-process transport
 
 
+def simulated_latency(payload: dict[str, Any], fixed: float, per_token: float) -> float:
+    """Seconds a remote model would take: a fixed part plus a part per generated token."""
+    if "choices" not in payload:
+        return 0.0
+    return fixed + per_token * payload.get("usage", {}).get("completion_tokens", 0)
+
+
 class OfflineTransport(httpx2.AsyncBaseTransport):
     """Answers the openai client's HTTP requests in-process.
 
-    ``latency`` seconds are slept per completion, to simulate a remote model in
-    timing experiments (``asyncio.sleep``, so concurrent requests overlap).
+    ``latency`` seconds (plus ``per_token_latency`` per generated token) are
+    slept per completion, to simulate a remote model in timing experiments
+    (``asyncio.sleep``, so concurrent requests overlap).
     """
 
-    def __init__(self, latency: float = 0.0) -> None:
-        self.latency = latency
+    def __init__(self, latency: float = 0.0, per_token_latency: float = 0.0) -> None:
+        self.latency, self.per_token_latency = latency, per_token_latency
         self.requests = 0
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         self.requests += 1
         raw = await request.aread()
         status, payload = route(request.method, request.url.path, raw)
-        if self.latency and status == 200 and "choices" in payload:
-            await asyncio.sleep(self.latency)
+        delay = simulated_latency(payload, self.latency, self.per_token_latency) if status == 200 else 0.0
+        if delay:
+            await asyncio.sleep(delay)
         return httpx2.Response(status, json=payload)
 
 
@@ -552,8 +561,9 @@ class OfflineServer:
     Subclasses can override ``handle`` to shape replies (tests inject faults this way).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency: float = 0.0) -> None:
-        self.latency = latency
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency: float = 0.0,
+                 per_token_latency: float = 0.0) -> None:
+        self.latency, self.per_token_latency = latency, per_token_latency
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.owner = self  # type: ignore[attr-defined]
@@ -561,8 +571,8 @@ class OfflineServer:
 
     def handle(self, handler: _Handler, method: str, raw_body: bytes) -> None:
         status, payload = route(method, handler.path, raw_body)
-        if self.latency and status == 200 and "choices" in payload:
-            time.sleep(self.latency)
+        if status == 200:
+            time.sleep(simulated_latency(payload, self.latency, self.per_token_latency))
         handler.reply(status, payload)
 
     @property
@@ -593,8 +603,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8765, help="port (0 picks a free one; default 8765)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait per completion")
+    parser.add_argument("--latency-per-token", type=float, default=0.0, help="and seconds per generated token")
     args = parser.parse_args(argv)
-    server = OfflineServer(args.host, args.port, args.latency)
+    server = OfflineServer(args.host, args.port, args.latency, args.latency_per_token)
     print(f"offline model {MODEL_VERSION} listening on {server.base_url}", flush=True)
     print(f"  export OPENAI_BASE_URL={server.base_url} OPENAI_API_KEY=offline", flush=True)
     try:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import html
 import inspect
@@ -55,11 +56,11 @@ from flyte._cache.policy_function_body import FunctionBodyPolicy
 from flyte.io import Dir
 from markdown_it import MarkdownIt
 from openai import AsyncOpenAI
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 import offline_llm
 from llm_cache import CachedReply, ResponseCache, request_key
-from plumbing import InflightLimit, Tally, atomic_write_text, replace_dir, slugify, staging_dir_for
+from plumbing import InflightLimit, Record, Tally, atomic_write_text, replace_dir, slugify, staging_dir_for
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("pipeline")
@@ -80,7 +81,9 @@ class Settings:
     request_timeout: float = 120.0  # seconds per HTTP request; CPU-hosted models are slow
     client_retries: int = 3  # the openai client's own retries: 408, 409, 429, 5xx, timeouts
     offline_latency: float = 0.0  # seconds the offline model waits per reply, to mimic a real API
+    offline_latency_per_token: float = 0.0  # and per generated token (e.g. 0.01 for ~100 tokens/s)
     llm_cache: Path | None = PROJECT_ROOT / ".llm-cache" / "replies.sqlite3"  # None: every call goes to the model
+    run_history: bool = False  # Flyte's local run history (for `flyte start tui`); costs ~6 ms per traced call
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -107,7 +110,10 @@ class Settings:
             request_timeout=_positive_float(env, "REPORT_REQUEST_TIMEOUT", cls.request_timeout),
             client_retries=_positive_int(env, "REPORT_CLIENT_RETRIES", cls.client_retries, minimum=0),
             offline_latency=_positive_float(env, "REPORT_OFFLINE_LATENCY", cls.offline_latency, minimum=0.0),
+            offline_latency_per_token=_positive_float(
+                env, "REPORT_OFFLINE_LATENCY_PER_TOKEN", cls.offline_latency_per_token, minimum=0.0),
             llm_cache=llm_cache,
+            run_history=_switch(env, "REPORT_RUN_HISTORY", cls.run_history),
         )
 
     @property
@@ -154,6 +160,17 @@ def _positive_int(env: dict[str, str], name: str, default: int, minimum: int = 1
     if value < minimum:
         raise ValueError(f"{name}={raw!r} must be a whole number of at least {minimum}")
     return value
+
+
+def _switch(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("on", "1", "true", "yes"):
+        return True
+    if raw in ("off", "0", "false", "no"):
+        return False
+    raise ValueError(f"{name}={raw!r} must be 'on' or 'off'")
 
 
 def _positive_float(env: dict[str, str], name: str, default: float, minimum: float = 0.001) -> float:
@@ -211,7 +228,8 @@ You are an executive summariser. Summarise the report in two or three short para
 reader: the main points, the key evidence and the recommendation. Return plain text."""
 
 
-class Critique(BaseModel):
+# Record is a pydantic BaseModel that builds its JSON schema once (Flyte asks for it on every traced call).
+class Critique(Record):
     """What the critic must return. Validation, not hope: a score of 11 is an error."""
 
     model_config = ConfigDict(extra="ignore")
@@ -222,7 +240,7 @@ class Critique(BaseModel):
     summary: str
 
 
-class Usage(BaseModel):
+class Usage(Record):
     """Requests sent, replies reused from the cache, tokens spent; adds up across calls, topics and runs."""
 
     requests: int = 0
@@ -243,7 +261,7 @@ class Usage(BaseModel):
         )
 
 
-class LLMReply(BaseModel):
+class LLMReply(Record):
     text: str
     usage: Usage
 
@@ -272,7 +290,7 @@ def get_client() -> AsyncOpenAI:
 def make_client(config: Settings) -> AsyncOpenAI:
     common = {"timeout": config.request_timeout, "max_retries": config.client_retries}
     if config.backend == "offline":
-        transport = offline_llm.OfflineTransport(latency=config.offline_latency)
+        transport = offline_llm.OfflineTransport(config.offline_latency, config.offline_latency_per_token)
         return AsyncOpenAI(
             api_key="offline",
             base_url="http://offline.invalid/v1",  # never resolved: the transport answers in-process
@@ -364,7 +382,7 @@ class CritiqueError(flyte.errors.NonRecoverableError):
         super().__init__(message, code="CritiqueError")
 
 
-class CritiqueReply(BaseModel):
+class CritiqueReply(Record):
     critique: Critique
     usage: Usage
 
@@ -445,9 +463,15 @@ def config_fingerprint() -> str:
         settings.model_name,
         settings.base_url or "",
         offline_llm.MODEL_VERSION,
-        *(inspect.getsource(f) for f in (call_llm, write_draft, critique_draft, revise_draft, summarize_report)),
+        _steps_source_hash(),
     ]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+@functools.cache  # the source does not change while the process runs; reading it is slow
+def _steps_source_hash() -> str:
+    steps = (call_llm, write_draft, critique_draft, revise_draft, summarize_report)
+    return hashlib.sha256("".join(inspect.getsource(step) for step in steps).encode()).hexdigest()
 
 
 image = flyte.Image.from_debian_base(python_version=(3, 12)).with_pip_packages(
@@ -476,7 +500,7 @@ driver_env = flyte.TaskEnvironment(
 
 
 # {{docs-fragment refine-task}}
-class Round(BaseModel):
+class Round(Record):
     """One critique: the score it gave and what it asked for."""
 
     iteration: int
@@ -486,7 +510,7 @@ class Round(BaseModel):
     summary: str
 
 
-class RefineResult(BaseModel):
+class RefineResult(Record):
     topic: str
     markdown: str
     history: list[Round]
@@ -620,7 +644,7 @@ def format_as_html(result: RefineResult, report_date: str) -> str:
 
 
 # {{docs-fragment format-task}}
-class ReportFiles(BaseModel):
+class ReportFiles(Record):
     """The folder holding report.md, report.html and summary.txt, plus what the summary cost."""
 
     folder: Dir
@@ -654,7 +678,7 @@ MAX_TOPICS = 500
 MAX_TOPIC_LENGTH = 200
 
 
-class TopicReport(BaseModel):
+class TopicReport(Record):
     """One topic's outcome: its refined report and files, or the error that stopped it."""
 
     topic: str
@@ -947,12 +971,17 @@ def check_backend(timeout: float = 10.0) -> None:
         ) from None
 
 
+_flyte_run_history: bool | None = None  # what Flyte was initialised with, None: not yet
+
+
 def init_flyte() -> None:
-    """Local mode, with run history and the task cache in the project's .flyte/ folder."""
-    if not getattr(init_flyte, "done", False):
-        flyte.init_from_config()
+    """Local mode. Flyte finds the project's .flyte/config.yaml, so its task cache (and the run
+    history, when ``settings.run_history`` is on) live in .flyte/local-cache/."""
+    global _flyte_run_history
+    if _flyte_run_history != settings.run_history:
+        flyte.init(local_persistence=settings.run_history)
         logging.getLogger("flyte").setLevel(logging.CRITICAL)  # failures are reported per topic instead
-        init_flyte.done = True  # type: ignore[attr-defined]
+        _flyte_run_history = settings.run_history
 
 
 def run_batch(

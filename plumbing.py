@@ -2,6 +2,7 @@
 
 * ``InflightLimit``: a cap on concurrent work that holds across event loops.
 * ``Tally``: a thread-safe counter.
+* ``Record``: a pydantic model whose JSON schema is computed once.
 * ``slugify``: safe, unique, readable folder names for arbitrary topics.
 * ``atomic_write_text`` and ``replace_dir``: no half-written file or folder
   after a crash.
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
+import functools
 import hashlib
 import os
 import re
@@ -19,6 +22,9 @@ import tempfile
 import threading
 import unicodedata
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
 
 # --------------------------------------------------------------------------- concurrency
 
@@ -105,6 +111,27 @@ class Tally:
     @property
     def value(self) -> int:
         return self._value
+
+
+# --------------------------------------------------------------------------- data
+
+
+class Record(BaseModel):
+    """A pydantic model whose JSON schema is built once per class and arguments.
+
+    Flyte converts every traced call's output to a literal and asks the output's
+    class for its JSON schema each time; pydantic rebuilds it on every request,
+    which was the largest single cost of a traced call (see benchmarks/).
+    """
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return copy.deepcopy(_schema(cls, args, tuple(sorted(kwargs.items()))))
+
+
+@functools.cache
+def _schema(cls: type[BaseModel], args: tuple, kwargs: tuple) -> dict[str, Any]:
+    return BaseModel.model_json_schema.__func__(cls, *args, **dict(kwargs))
 
 
 # --------------------------------------------------------------------------- names on disk

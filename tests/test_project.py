@@ -48,3 +48,31 @@ def test_flyte_cache_of_the_test_session_is_isolated_from_the_project(tmp_path):
 
     pipeline.run_batch(["Isolation check"], max_iterations=1, output_dir=tmp_path, run_id="iso")
     assert (SCRATCH / ".flyte" / "local-cache").resolve() == Path(LocalDB._get_cache_dir()).resolve()
+
+
+def test_run_history_is_recorded_only_when_switched_on(tmp_path):
+    import sqlite3
+
+    import pipeline
+    from conftest import SCRATCH
+
+    def recorded(batch) -> int:
+        database = SCRATCH / ".flyte" / "local-cache" / "cache.db"
+        if not database.exists():
+            return 0
+        with sqlite3.connect(database) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "runs" not in tables:
+                return 0
+            return db.execute("SELECT COUNT(*) FROM runs WHERE run_name = ?", (batch.flyte_run_name,)).fetchone()[0]
+
+    assert pipeline.settings.run_history is False
+    quiet = pipeline.run_batch(["History off"], max_iterations=1, output_dir=tmp_path, run_id="off", use_cache=False)
+    pipeline.configure(run_history=True)
+    try:
+        loud = pipeline.run_batch(["History on"], max_iterations=1, output_dir=tmp_path, run_id="on", use_cache=False)
+    finally:
+        pipeline.configure(run_history=False)
+        pipeline.init_flyte()
+    assert recorded(quiet) == 0
+    assert recorded(loud) >= 8  # the driver twice, two tasks, and the traced calls

@@ -1,0 +1,433 @@
+"""The pipeline's benchmark: fan-out efficiency, orchestration overhead, cached reruns, scaling, formatting.
+
+    make bench                                  # the full run (a few minutes on 2 cores)
+    python benchmarks/bench.py --quick --out DIR  # a tiny configuration, used by the tests
+
+Every figure is measured in this one run, side by side, because shared
+machines are noisy; the conclusions are ratios. The offline model stands in for
+a remote one with a simulated latency (see offline_llm.simulated_latency).
+Writes results.json, results.md (the table) and results.png (the plot) to the
+output folder, and prints the table.
+
+Runs in a scratch folder with its own Flyte config (run history on, as in the
+project), so it never touches the project's caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL = {"fanout": [1, 20, 100], "overhead": 200, "scaling": [1, 10, 50, 100, 200, 500], "latency": 0.2,
+        "rss_topics": 500, "rerun": 50}
+QUICK = {"fanout": [1, 3], "overhead": 5, "scaling": [1, 3], "latency": 0.05, "rss_topics": 5, "rerun": 3}
+TARGETS = {"efficiency_20": 0.95, "efficiency_100": 0.90, "overhead_ratio": 2.0, "rerun_speedup": 50.0,
+           "rss_mb_500": 400.0}
+DATE = "2026-11-29"
+
+
+def enter_scratch_project() -> Path:
+    """Before flyte is imported: a working folder whose .flyte/config.yaml keeps caches out of the project."""
+    scratch = Path(tempfile.mkdtemp(prefix="report-bench-"))
+    (scratch / ".flyte").mkdir()
+    shutil.copy2(ROOT / ".flyte" / "config.yaml", scratch / ".flyte" / "config.yaml")
+    os.chdir(scratch)
+    os.environ.update(REPORT_BACKEND="offline", REPORT_LLM_CACHE="off", REPORTS_DIR=str(scratch / "reports"),
+                      DO_NOT_TRACK="1")
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        os.environ.pop(name, None)
+    sys.path.insert(0, str(ROOT))
+    return scratch
+
+
+# ----------------------------------------------------------------------------------------- instruments
+
+
+class CallLog:
+    """Every model call: which topic, when it started and ended (filled by the transports below)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, float, float]] = []  # (topic, role, start, end)
+
+    def critical_path(self, latency: float) -> float:
+        """The DAG's longest chain: the longest topic's refine calls, then (after the barrier) its summary."""
+        refine: dict[str, int] = {}
+        summary: dict[str, int] = {}
+        for topic, role, _, _ in self.calls:
+            target = summary if role == "summarizer" else refine
+            target[topic] = target.get(topic, 0) + 1
+        return (max(refine.values(), default=0) + max(summary.values(), default=0)) * latency
+
+
+def logging_transport(log: CallLog, latency: float):
+    import offline_llm
+
+    class LoggingTransport(offline_llm.OfflineTransport):
+        async def handle_async_request(self, request):
+            start = time.perf_counter()
+            response = await super().handle_async_request(request)
+            if request.url.path.endswith("/chat/completions"):
+                parsed = offline_llm.parse_request(json.loads(request.content))
+                log.calls.append((parsed.topic, parsed.role, start, time.perf_counter()))
+            return response
+
+    return LoggingTransport(latency=latency)
+
+
+def use_transport(transport) -> None:
+    """Route the pipeline's model calls through ``transport`` (the real openai client on top)."""
+    import httpx2
+    from openai import AsyncOpenAI
+
+    import pipeline
+
+    pipeline.make_client = lambda config: AsyncOpenAI(
+        api_key="offline", base_url="http://offline.invalid/v1", http_client=httpx2.AsyncClient(transport=transport),
+        max_retries=config.client_retries, timeout=config.request_timeout)
+    pipeline._clients.clear()
+
+
+class DirectClient:
+    """The same model calls without the HTTP client layer: the offline model called as a function."""
+
+    def __init__(self, log: CallLog, latency: float) -> None:
+        self.log, self.latency = log, latency
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
+
+    async def create(self, **request: Any) -> Any:
+        import offline_llm
+
+        start = time.perf_counter()
+        reply = offline_llm.complete(request)
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        parsed = offline_llm.parse_request(request)
+        self.log.calls.append((parsed.topic, parsed.role, start, time.perf_counter()))
+        return SimpleNamespace(
+            choices=[SimpleNamespace(message=SimpleNamespace(content=reply["choices"][0]["message"]["content"]))],
+            usage=SimpleNamespace(**{k: reply["usage"][k] for k in ("prompt_tokens", "completion_tokens")}),
+        )
+
+
+def topics_for(count: int, prefix: str) -> list[str]:
+    return [f"{prefix} topic {i:03d}" for i in range(count)]
+
+
+# ----------------------------------------------------------------------------------------- the ways to run
+
+
+def run_with_flyte(topics: list[str], use_cache: bool = False) -> float:
+    import flyte
+
+    import pipeline
+
+    pipeline.init_flyte()
+    start = time.perf_counter()
+    run = flyte.with_runcontext(mode="local", disable_run_cache=not use_cache).run(
+        pipeline.report_batch_pipeline, topics=topics, max_iterations=3, quality_threshold=8, report_date=DATE)
+    reports = run.outputs()[0]
+    elapsed = time.perf_counter() - start
+    assert all(report.ok for report in reports), [r.error for r in reports if not r.ok]
+    cleanup(reports)
+    return elapsed
+
+
+def run_plain_asyncio(topics: list[str]) -> float:
+    """Exactly the same task functions and calls, awaited as plain coroutines: no Flyte run."""
+    import pipeline
+
+    async def batch():
+        refined = await asyncio.gather(*(pipeline.refine_report(topic, 3, 8) for topic in topics))
+        files = await asyncio.gather(*(pipeline.format_outputs(result, DATE) for result in refined))
+        return files
+
+    start = time.perf_counter()
+    files = asyncio.run(batch())
+    elapsed = time.perf_counter() - start
+    for item in files:
+        shutil.rmtree(item.folder.path, ignore_errors=True)
+    return elapsed
+
+
+def cleanup(reports) -> None:
+    for report in reports:
+        if report.files is not None:
+            shutil.rmtree(report.files.folder.path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------- measurements
+
+
+def fan_out_efficiency(config: dict) -> list[dict]:
+    import pipeline
+
+    rows = []
+    for count in config["fanout"]:
+        pipeline.configure(max_concurrency=max(8, count), llm_cache=None)
+        log = CallLog()
+        use_transport(logging_transport(log, config["latency"]))
+        wall = run_with_flyte(topics_for(count, f"Fan-out {count}"))
+        critical = log.critical_path(config["latency"])
+        rows.append({"topics": count, "latency_s": config["latency"], "calls": len(log.calls),
+                     "critical_path_s": round(critical, 3), "wall_s": round(wall, 3),
+                     "efficiency": round(critical / wall, 3)})
+    pipeline.configure(max_concurrency=8)
+    return rows
+
+
+def orchestration_overhead(config: dict) -> dict:
+    import pipeline
+
+    count = config["overhead"]
+    pipeline.configure(max_concurrency=max(8, count), llm_cache=None)
+    original_get_client = pipeline.get_client
+    timings = {}
+    for label, runner, transport in (
+        ("flyte_and_client", run_with_flyte, True),
+        ("flyte_and_client_with_run_history", run_with_flyte, True),
+        ("asyncio_and_client", run_plain_asyncio, True),
+        ("asyncio_without_client", run_plain_asyncio, False),
+    ):
+        pipeline.configure(run_history=label.endswith("run_history"))
+        log = CallLog()
+        if transport:
+            use_transport(logging_transport(log, 0.0))
+        else:
+            direct = DirectClient(log, 0.0)
+            pipeline.get_client = lambda: direct
+        runner(topics_for(count, f"Warm-up {label}")[:2])  # imports, first-run costs
+        log.calls.clear()
+        wall = runner(topics_for(count, f"Overhead {label}"))
+        timings[label] = {"wall_s": round(wall, 3), "per_topic_ms": round(1000 * wall / count, 2),
+                          "calls": len(log.calls)}
+        pipeline.get_client = original_get_client
+    pipeline.configure(max_concurrency=8)
+    per_topic = {k: v["per_topic_ms"] for k, v in timings.items()}
+    return {
+        "topics": count,
+        "runs": timings,
+        "flyte_vs_asyncio": round(per_topic["flyte_and_client"] / per_topic["asyncio_and_client"], 2),
+        "client_vs_no_client": round(per_topic["asyncio_and_client"] / per_topic["asyncio_without_client"], 2),
+        "flyte_vs_bare": round(per_topic["flyte_and_client"] / per_topic["asyncio_without_client"], 2),
+        "run_history_vs_none": round(per_topic["flyte_and_client_with_run_history"] / per_topic["flyte_and_client"], 2),
+    }
+
+
+def cached_rerun(config: dict, scratch: Path) -> dict:
+    import pipeline
+
+    count = config["rerun"]
+    pipeline.configure(max_concurrency=max(8, count), llm_cache=scratch / "bench-replies.sqlite3")
+    use_transport(logging_transport(CallLog(), config["latency"]))
+    topics = topics_for(count, "Rerun")
+    timings, requests = [], []
+    for run_id in ("first", "second"):
+        before = pipeline.requests_sent.value
+        start = time.perf_counter()
+        batch = pipeline.run_batch(topics, report_date=DATE, output_dir=scratch / "reports", run_id=run_id)
+        timings.append(time.perf_counter() - start)
+        requests.append(pipeline.requests_sent.value - before)
+        assert all(report.ok for report in batch.reports)
+    pipeline.configure(max_concurrency=8, llm_cache=None)
+    return {"topics": count, "latency_s": config["latency"], "first_s": round(timings[0], 3),
+            "second_s": round(timings[1], 3), "speedup": round(timings[0] / timings[1], 1),
+            "first_requests": requests[0], "second_requests": requests[1], "cached_topics": len(batch.cached_topics)}
+
+
+def scaling(config: dict) -> list[dict]:
+    import pipeline
+
+    rows = []
+    for count in config["scaling"]:
+        pipeline.configure(max_concurrency=max(8, count), llm_cache=None)
+        use_transport(logging_transport(CallLog(), 0.0))
+        wall = run_with_flyte(topics_for(count, f"Scale {count}"))
+        rows.append({"topics": count, "wall_s": round(wall, 3), "per_topic_ms": round(1000 * wall / count, 2)})
+    pipeline.configure(max_concurrency=8)
+    return rows
+
+
+def peak_rss_mb(topics: int) -> float:
+    """Peak resident memory of a fresh process that runs ``topics`` topics (Linux reports KiB)."""
+    done = subprocess.run([sys.executable, __file__, "--rss-probe", str(topics)], capture_output=True, text=True,
+                          timeout=1800, check=True)
+    return round(int(done.stdout.strip().splitlines()[-1]) / 1024, 1)
+
+
+def formatting_fan_out(config: dict) -> dict:
+    import flyte
+
+    import pipeline
+
+    pipeline.configure(llm_cache=None)
+    use_transport(logging_transport(CallLog(), config["latency"]))
+    pipeline.init_flyte()
+    use_transport(logging_transport(CallLog(), 0.0))
+    result = flyte.with_runcontext(mode="local", disable_run_cache=True).run(
+        pipeline.refine_report, topic="Formatting benchmark").outputs()[0]
+    use_transport(logging_transport(CallLog(), config["latency"]))
+
+    async def sequential():
+        pipeline.format_as_markdown(result, DATE)
+        pipeline.format_as_html(result, DATE)
+        await pipeline.summarize_report(result.topic, result.markdown)
+
+    async def gathered():
+        await asyncio.gather(asyncio.to_thread(pipeline.format_as_markdown, result, DATE),
+                             asyncio.to_thread(pipeline.format_as_html, result, DATE),
+                             pipeline.summarize_report(result.topic, result.markdown))
+
+    def timed(make) -> float:
+        start = time.perf_counter()
+        asyncio.run(make())
+        return time.perf_counter() - start
+
+    timed(sequential)  # warm-up
+    seq = min(timed(sequential) for _ in range(3))
+    par = min(timed(gathered) for _ in range(3))
+    return {"latency_s": config["latency"], "sequential_s": round(seq, 4), "gathered_s": round(par, 4),
+            "speedup": round(seq / par, 2)}
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def checks(results: dict, quick: bool) -> dict[str, dict]:
+    efficiency = {row["topics"]: row["efficiency"] for row in results["fan_out"]}
+    found = {
+        "efficiency_20": efficiency.get(20),
+        "efficiency_100": efficiency.get(100),
+        "overhead_ratio": results["overhead"]["flyte_vs_asyncio"],
+        "rerun_speedup": results["cached_rerun"]["speedup"],
+        "rss_mb_500": results["peak_rss_mb"],
+    }
+    out = {}
+    for name, target in TARGETS.items():
+        value = found[name]
+        higher_is_better = name.startswith(("efficiency", "rerun"))
+        met = None if value is None or quick else (value >= target if higher_is_better else value <= target)
+        out[name] = {"value": value, "target": target, "met": met}
+    out["rerun_makes_no_calls"] = {"value": results["cached_rerun"]["second_requests"], "target": 0,
+                                   "met": results["cached_rerun"]["second_requests"] == 0}
+    return out
+
+
+def markdown_table(results: dict) -> str:
+    lines = ["| measurement | configuration | result | target | met |", "|---|---|---|---|---|"]
+    met = lambda name: {True: "yes", False: "**no**", None: "-"}[results["checks"][name]["met"]]  # noqa: E731
+    for row in results["fan_out"]:
+        name = f"efficiency_{row['topics']}"
+        target = f">= {TARGETS[name]}" if name in TARGETS else ""
+        lines.append(f"| fan-out efficiency (critical path / wall) | {row['topics']} topics, {row['calls']} calls at "
+                     f"{row['latency_s']} s | {row['efficiency']:.3f} ({row['critical_path_s']} s / {row['wall_s']} s) "
+                     f"| {target} | {met(name) if name in TARGETS else '-'} |")
+    overhead = results["overhead"]
+    runs = overhead["runs"]
+    lines.append(f"| per-topic time, Flyte + openai client | {overhead['topics']} topics, zero latency | "
+                 f"{runs['flyte_and_client']['per_topic_ms']} ms | | |")
+    lines.append(f"| per-topic time, Flyte + openai client, run history on | same calls | "
+                 f"{runs['flyte_and_client_with_run_history']['per_topic_ms']} ms | | |")
+    lines.append(f"| per-topic time, plain asyncio + openai client | same calls | "
+                 f"{runs['asyncio_and_client']['per_topic_ms']} ms | | |")
+    lines.append(f"| per-topic time, plain asyncio, no HTTP client | same calls | "
+                 f"{runs['asyncio_without_client']['per_topic_ms']} ms | | |")
+    lines.append(f"| Flyte overhead ratio (Flyte / plain asyncio, both with the client) | | "
+                 f"{overhead['flyte_vs_asyncio']}x | <= {TARGETS['overhead_ratio']}x | {met('overhead_ratio')} |")
+    lines.append(f"| client layer ratio (with / without the openai client) | | {overhead['client_vs_no_client']}x | | |")
+    lines.append(f"| run history ratio (Flyte with / without local run history) | | "
+                 f"{overhead['run_history_vs_none']}x | | |")
+    rerun = results["cached_rerun"]
+    lines.append(f"| cached rerun speedup | {rerun['topics']} topics at {rerun['latency_s']} s | {rerun['speedup']}x "
+                 f"({rerun['first_s']} s -> {rerun['second_s']} s) | >= {TARGETS['rerun_speedup']}x | "
+                 f"{met('rerun_speedup')} |")
+    lines.append(f"| model requests in the rerun | | {rerun['second_requests']} (first run: "
+                 f"{rerun['first_requests']}) | 0 | {met('rerun_makes_no_calls')} |")
+    for row in results["scaling"]:
+        lines.append(f"| scaling, zero latency | {row['topics']} topics | {row['wall_s']} s, "
+                     f"{row['per_topic_ms']} ms per topic | | |")
+    lines.append(f"| peak memory (RSS) | {results['config']['rss_topics']} topics | {results['peak_rss_mb']} MB | "
+                 f"<= {TARGETS['rss_mb_500']:.0f} MB | {met('rss_mb_500')} |")
+    fmt = results["formatting"]
+    lines.append(f"| formatting: sequential vs gathered | one report, {fmt['latency_s']} s per call | "
+                 f"{fmt['sequential_s']} s vs {fmt['gathered_s']} s ({fmt['speedup']}x) | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    scale = results["scaling"]
+    left.plot([r["topics"] for r in scale], [r["per_topic_ms"] for r in scale], marker="o")
+    left.set(xscale="log", xlabel="topics in the batch", ylabel="ms per topic", title="Scaling at zero latency")
+    fan = results["fan_out"]
+    right.bar([str(r["topics"]) for r in fan], [r["efficiency"] for r in fan], color="#1f6feb")
+    right.axhline(1.0, color="grey", linewidth=1)
+    right.set(ylim=(0, 1.05), xlabel="topics", ylabel="critical path / wall time",
+              title=f"Fan-out efficiency at {fan[0]['latency_s']} s per call")
+    figure.tight_layout()
+    figure.savefig(path, metadata={"Software": None})
+    plt.close(figure)
+
+
+def machine() -> dict:
+    return {"python": platform.python_version(), "platform": platform.platform(terse=True),
+            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks", help="where to write the results")
+    parser.add_argument("--rss-probe", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    scratch = enter_scratch_project()
+    import pipeline
+
+    if args.rss_probe:
+        pipeline.configure(max_concurrency=args.rss_probe, llm_cache=None)
+        use_transport(logging_transport(CallLog(), 0.0))
+        run_with_flyte(topics_for(args.rss_probe, "Memory"))
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        return 0
+    config = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    results: dict[str, Any] = {"config": config, "machine": machine()}
+    results["fan_out"] = fan_out_efficiency(config)
+    results["overhead"] = orchestration_overhead(config)
+    results["cached_rerun"] = cached_rerun(config, scratch)
+    results["scaling"] = scaling(config)
+    results["peak_rss_mb"] = peak_rss_mb(config["rss_topics"])
+    results["formatting"] = formatting_fan_out(config)
+    results["checks"] = checks(results, args.quick)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown_table(results)
+    (args.out / "results.md").write_text(table)
+    plot(results, args.out / "results.png")
+    print(table)
+    missed = [name for name, check in results["checks"].items() if check["met"] is False]
+    print(f"{len(missed)} target(s) missed: {', '.join(missed)}" if missed else "All targets met.")
+    shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
