@@ -41,7 +41,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,7 +51,6 @@ import flyte.errors
 import httpx2
 import openai
 import yaml
-from flyte._cache.policy_function_body import FunctionBodyPolicy
 from flyte.io import Dir
 from markdown_it import MarkdownIt
 from openai import AsyncOpenAI
@@ -445,10 +443,12 @@ async def summarize_report(topic: str, report: str) -> LLMReply:
 # {{docs-fragment environments}}
 # A cache key that cannot go stale. Flyte's default policy hashes only the task
 # function's own source, so editing a prompt, a traced helper or the model name
-# would silently return old reports. This policy adds all of those.
+# would silently return old reports. This policy hashes the task's source too,
+# and everything else its result depends on.
 class ReportConfigPolicy:
     def get_version(self, salt: str, params: Any) -> str:
-        return hashlib.sha256(f"{salt}:{config_fingerprint()}".encode()).hexdigest()
+        task_source = source_hash(params.func) if params.func is not None else ""
+        return hashlib.sha256(f"{salt}:{task_source}:{config_fingerprint()}".encode()).hexdigest()
 
 
 def config_fingerprint() -> str:
@@ -463,15 +463,14 @@ def config_fingerprint() -> str:
         settings.model_name,
         settings.base_url or "",
         offline_llm.MODEL_VERSION,
-        _steps_source_hash(),
+        *(source_hash(step) for step in (call_llm, write_draft, critique_draft, revise_draft, summarize_report)),
     ]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
-@functools.cache  # the source does not change while the process runs; reading it is slow
-def _steps_source_hash() -> str:
-    steps = (call_llm, write_draft, critique_draft, revise_draft, summarize_report)
-    return hashlib.sha256("".join(inspect.getsource(step) for step in steps).encode()).hexdigest()
+@functools.cache  # source does not change while the process runs, and reading it is slow
+def source_hash(function: Callable[..., Any]) -> str:
+    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
 
 
 image = flyte.Image.from_debian_base(python_version=(3, 12)).with_pip_packages(
@@ -486,7 +485,7 @@ llm_env = flyte.TaskEnvironment(
     reusable=flyte.ReusePolicy(replicas=2, concurrency=4, scaledown_ttl=300, idle_ttl=1800),
     secrets=[flyte.Secret(key="openai-api-key", as_env_var="OPENAI_API_KEY")] if settings.backend == "openai" else [],
     env_vars=settings.task_env_vars(),
-    cache=flyte.Cache("auto", policies=[FunctionBodyPolicy(), ReportConfigPolicy()]),
+    cache=flyte.Cache("auto", policies=[ReportConfigPolicy()]),
 )
 
 driver_env = flyte.TaskEnvironment(
@@ -553,8 +552,13 @@ async def refine_report(topic: str, max_iterations: int = 3, quality_threshold: 
         history=history,
         model=settings.model_name,
         usage=usage,
-        produced_in_run=flyte.ctx().action.run_name if flyte.ctx() else "",
+        produced_in_run=current_run(),
     )
+
+
+def current_run() -> str:
+    """The name of the Flyte run executing this task ("" outside a task)."""
+    return flyte.ctx().action.run_name if flyte.ctx() else ""
 
 
 # {{/docs-fragment refine-task}}
@@ -649,12 +653,13 @@ class ReportFiles(Record):
 
     folder: Dir
     usage: Usage
+    produced_in_run: str = ""  # differs from the current run's name on a cache hit
 
 
-# Not cached: in local mode a Dir is just a path in /tmp, and a cache hit could
-# hand back a folder that was cleaned up since. The costly part, the summary,
-# is a traced call; the formatting itself takes milliseconds.
-@llm_env.task(cache="disable", retries=2)
+# Cached like refine_report, so a rerun reuses finished reports. In local mode a Dir is just a
+# local path, so the files go to a durable folder named by their content (not to /tmp), and the
+# driver makes them again if a cached folder was deleted since.
+@llm_env.task(retries=2)
 async def format_outputs(result: RefineResult, report_date: str) -> ReportFiles:
     emit(result.topic, "format")
     with flyte.group("formatting"):
@@ -663,11 +668,19 @@ async def format_outputs(result: RefineResult, report_date: str) -> ReportFiles:
             asyncio.to_thread(format_as_html, result, report_date),
             summarize_report(result.topic, result.markdown),
         )
-    folder = Path(tempfile.mkdtemp(prefix=f"report-{slugify(result.topic)}-"))
-    (folder / "report.md").write_text(markdown, encoding="utf-8")
-    (folder / "report.html").write_text(page, encoding="utf-8")
-    (folder / "summary.txt").write_text(summary.text.strip() + "\n", encoding="utf-8")
-    return ReportFiles(folder=await Dir.from_local(folder), usage=summary.usage)
+    folder = work_folder(result, report_date)
+    atomic_write_text(folder / "report.md", markdown)
+    atomic_write_text(folder / "report.html", page)
+    atomic_write_text(folder / "summary.txt", summary.text.strip() + "\n")
+    return ReportFiles(folder=await Dir.from_local(folder), usage=summary.usage, produced_in_run=current_run())
+
+
+def work_folder(result: RefineResult, report_date: str) -> Path:
+    """``<reports>/.work/<slug>-<digest of everything the files depend on>``."""
+    digest = hashlib.sha256(
+        f"{result.model_dump_json()}\x1f{report_date}\x1f{config_fingerprint()}".encode()
+    ).hexdigest()[:16]
+    return settings.reports_dir / ".work" / f"{slugify(result.topic)}-{digest}"
 
 
 # {{/docs-fragment format-task}}
@@ -800,6 +813,12 @@ async def report_batch_pipeline(
         formatted = await asyncio.gather(
             *(format_outputs(report.result, report_date) for report in done), return_exceptions=True
         )
+        # A cache hit names the folder of an earlier run; if it has been deleted since, make it again.
+        gone = [i for i, out in enumerate(formatted) if isinstance(out, ReportFiles) and not await out.folder.exists()]
+        again = format_outputs.override(cache="disable", retries=2)
+        remade = await asyncio.gather(*(again(done[i].result, report_date) for i in gone), return_exceptions=True)
+        for i, out in zip(gone, remade):
+            formatted[i] = out
     for report, outcome in zip(done, formatted):
         if isinstance(outcome, BaseException):
             report.error = describe_error(outcome)
@@ -914,11 +933,7 @@ def save_run(batch: BatchResult) -> BatchResult:
         for report in batch.reports:
             if report.files is None:
                 continue
-            source = Path(report.files.folder.download_sync())
-            target = staging / report.slug
-            shutil.copytree(source, target)
-            if source.is_relative_to(tempfile.gettempdir()) and source.name.startswith("report-"):
-                shutil.rmtree(source, ignore_errors=True)  # our own scratch folder, now copied
+            shutil.copytree(Path(report.files.folder.download_sync()), staging / report.slug)
         atomic_write_text(staging / "index.html", format_index_html(batch))
         atomic_write_text(
             staging / "summary.json", json.dumps(summary_document(batch), indent=2, ensure_ascii=False) + "\n"
@@ -1020,12 +1035,11 @@ def run_batch(
             _listeners.remove(on_event)
     this_run = Path(run.url).name
     cached = [r.topic for r in reports if r.result and r.result.produced_in_run not in ("", this_run)]
-    spent = Usage()
+    spent = Usage()  # what this run cost: results served by Flyte's cache cost nothing now
     for report in reports:
-        if report.result and report.topic not in cached:
-            spent += report.result.usage
-        if report.files:
-            spent += report.files.usage
+        for part in (report.result, report.files):
+            if part is not None and part.produced_in_run in ("", this_run):
+                spent += part.usage
     batch = BatchResult(
         run_id=run_id,
         run_dir=Path(output_dir or settings.reports_dir).expanduser().resolve() / run_id,

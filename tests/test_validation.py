@@ -92,3 +92,22 @@ def test_describe_never_shows_the_key(monkeypatch):
     text = config.describe()
     assert "qwen2.5:1.5b" in text and "localhost:11434" in text
     assert "canary" not in text and "canary" not in repr(config)
+
+
+def test_an_unreachable_server_stops_the_batch_before_any_topic(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-unreachable")
+    pipeline.configure(backend="openai", base_url="http://127.0.0.1:9/v1")  # port 9 (discard): nothing listens
+    try:
+        with pytest.raises(pipeline.BackendUnavailable) as caught:
+            pipeline.run_batch(["Cats"], output_dir=tmp_path)
+    finally:
+        pipeline.configure(backend="offline", base_url=None)
+    message = str(caught.value)
+    assert "Cannot reach the model server at http://127.0.0.1:9/v1" in message and "OPENAI_BASE_URL" in message
+    assert "sk-test-unreachable" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_run_history_switch_is_named():
+    with pytest.raises(ValueError, match="REPORT_RUN_HISTORY='maybe' must be 'on' or 'off'"):
+        pipeline.Settings.from_env({"REPORT_RUN_HISTORY": "maybe"})
