@@ -289,7 +289,8 @@ class ReportExplorer:
         rows = []
         for topic, (report, _) in self.results.items():
             result = report.result
-            usage = (result.usage if result else pipeline.Usage()) + (report.files.usage if report.files else pipeline.Usage())
+            parts = [part.usage for part in (result, report.files) if part is not None]
+            usage = sum(parts, pipeline.Usage())
             rows.append([topic, result.iterations if result else 0,
                          f"{result.final_score}/10" if result else "", usage.total_tokens, report.error or ""])
         self.results_table.value = Table(["topic", "iterations", "final score", "tokens", "error"], rows)._repr_html_()

@@ -408,7 +408,9 @@ def revise(markdown: str, topic: str, improvements: tuple[str, ...]) -> str:
 
 
 def _sentences(text: str) -> list[str]:
-    prose = "\n".join(line for line in text.splitlines() if line.strip() and not line.lstrip().startswith(("#", "-", "*", "|")))
+    prose = "\n".join(
+        line for line in text.splitlines() if line.strip() and not line.lstrip().startswith(("#", "-", "*", "|"))
+    )
     found = (s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", prose))
     return [s for s in found if len(s.split()) >= 5 and s.endswith((".", "!", "?"))]
 

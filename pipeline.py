@@ -1063,7 +1063,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("topics", nargs="+", help="one or more topics, each in quotes")
     parser.add_argument("--max-iterations", type=int, default=3, help="critique rounds per topic, 1-10 (default 3)")
     parser.add_argument("--quality-threshold", type=int, default=8, help="score that ends refinement, 1-10 (default 8)")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: REPORTS_DIR or {settings.reports_dir})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder (default: REPORTS_DIR or {settings.reports_dir})")
     parser.add_argument("--run-id", default=None, help="name of the run folder (default: the current time)")
     parser.add_argument("--date", default=None, help="report date for the front matter (default: today)")
     parser.add_argument("--no-cache", action="store_true",
@@ -1085,8 +1086,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for row in batch.rows():
-        outcome = f"score {row['final_score']}/10 after {row['iterations']} round(s)" if row["status"] == "ok" else row["error"]
-        print(f"  {row['topic']}: {outcome}")
+        if row["status"] == "ok":
+            print(f"  {row['topic']}: score {row['final_score']}/10 after {row['iterations']} round(s)")
+        else:
+            print(f"  {row['topic']}: {row['error']}")
     failed = sum(1 for r in batch.reports if not r.ok)
     print(f"{len(batch.reports) - failed} of {len(batch.reports)} reports written; index: {batch.index_path}")
     return 1 if failed else 0

@@ -207,7 +207,7 @@ def orchestration_overhead(config: dict) -> dict:
             use_transport(logging_transport(log, 0.0))
         else:
             direct = DirectClient(log, 0.0)
-            pipeline.get_client = lambda: direct
+            pipeline.get_client = lambda client=direct: client
         runner(topics_for(count, f"Warm-up {label}")[:2])  # imports, first-run costs
         log.calls.clear()
         wall = runner(topics_for(count, f"Overhead {label}"))

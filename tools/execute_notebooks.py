@@ -23,7 +23,7 @@ from nbclient import NotebookClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from notebook_nav import notebook_paths  # noqa: E402
-from scratch_project import ROOT, make_scratch_project, scratch_environment  # noqa: E402
+from scratch_project import make_scratch_project, scratch_environment  # noqa: E402
 
 VOLATILE = "volatile-output"  # with nbval-ignore-output: run and shown live, never saved
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
