@@ -43,7 +43,7 @@ import httpx2
 
 # Bump when the model's behaviour changes: the pipeline folds it into its cache
 # keys, so a changed offline model never serves an old cached report.
-MODEL_VERSION = "offline-reporter-3"
+MODEL_VERSION = "offline-reporter-4"
 
 ASPECTS = (
     "Background",
@@ -198,14 +198,21 @@ def _section(topic: str, aspect: str, sentences: int) -> str:
 
 
 def write_draft(topic: str) -> str:
-    """A deliberately first draft: a title, an introduction and two short sections."""
+    """A deliberately first draft: a title, an introduction and one to three short sections.
+
+    How much the first draft gets right depends on the topic (stably), so different
+    topics start at different scores and take different paths to the threshold.
+    """
+    seed = hashlib.sha256(topic.encode()).digest()
     opener = _pick(OPENERS, topic, "opener").format(topic=topic)
-    aspects = _aspects_for(topic)[:2]
+    sections = 1 + seed[5] % 3
     parts = [
         f"# {topic}",
         f"## Introduction\n\n{opener} It summarises what matters most and where to start.",
-        *(_section(topic, aspect, 2) for aspect in aspects),
+        *(_section(topic, aspect, 2 + seed[6] % 2) for aspect in _aspects_for(topic)[:sections]),
     ]
+    if seed[7] % 3 == 0:
+        parts.append(_add_conclusion("", topic).strip())
     return "\n\n".join(parts) + "\n"
 
 

@@ -16,14 +16,15 @@ def test_the_benchmark_runs_in_a_tiny_configuration(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert [row["topics"] for row in results["fan_out"]] == results["config"]["fanout"]
     for row in results["fan_out"]:
-        assert row["calls"] == 7 * row["topics"], "draft, 3 critiques, 2 revisions and a summary per topic"
-        assert row["critical_path_s"] == round(7 * row["latency_s"], 3)
+        # per topic: a draft, 1-3 critiques with a revision between them, and a summary
+        assert 3 * row["topics"] <= row["calls"] <= 7 * row["topics"]
+        assert 3 * row["latency_s"] - 1e-6 <= row["critical_path_s"] <= 7 * row["latency_s"] + 1e-6
         assert 0 < row["efficiency"] <= 1.05
     assert set(results["overhead"]["runs"]) == {"flyte_and_client", "flyte_and_client_with_run_history",
                                                 "asyncio_and_client", "asyncio_without_client"}
-    assert {run["calls"] for run in results["overhead"]["runs"].values()} == {7 * results["overhead"]["topics"]}
+    assert len({run["calls"] for run in results["overhead"]["runs"].values()}) == 1, "every variant makes the same calls"
     rerun = results["cached_rerun"]
-    assert rerun["first_requests"] == 7 * rerun["topics"]
+    assert rerun["first_requests"] >= 3 * rerun["topics"]
     assert rerun["second_requests"] == 0 and rerun["cached_topics"] == rerun["topics"]
     assert results["checks"]["rerun_makes_no_calls"]["met"] is True
     assert [row["topics"] for row in results["scaling"]] == results["config"]["scaling"]
