@@ -11,9 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "tools"))
-from scratch_project import make_scratch_project, scratch_environment  # noqa: E402
+from scratch_project import make_scratch_project, scratch_environment
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 BATCH = "05_batch_pipeline.ipynb"
@@ -40,6 +38,7 @@ def test_notebook_is_clean(path):
     for volatile in (str(ROOT), "/tmp/", "nb-run-"):
         assert volatile not in text, f"{volatile!r} in saved notebook"
     assert not re.search(r"sk-[A-Za-z0-9_-]{16,}", text), "something that looks like an API key"
+    assert not re.search(r'"model_id": "[0-9a-f]{32}"', text), "random widget ids churn on every save"
     code_cells = [c for c in notebook.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code_cells), "run all cells before saving (tools/execute_notebooks.py)"
     assert [c.execution_count for c in code_cells] == list(range(1, len(code_cells) + 1)), "restart, then run all"

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from notebook_nav import notebook_paths  # noqa: E402
 from scratch_project import make_scratch_project, scratch_environment  # noqa: E402
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 VOLATILE = "volatile-output"  # with nbval-ignore-output: run and shown live, never saved
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
@@ -39,6 +40,10 @@ def normalize(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
         cell.metadata.pop("papermill", None)
         if VOLATILE in cell.metadata.get("tags", []):
             cell.outputs = []  # timings differ on every run: readers run the cell to see their own
+        for output in cell.get("outputs", []):
+            view = output.get("data", {}).get(WIDGET_VIEW)
+            if view:  # a random id per run; the widget state is not saved anyway
+                view["model_id"] = f"saved-{cell.id}"
     return notebook
 
 
