@@ -79,6 +79,11 @@ class Table:
 
 def results_table(batch: pipeline.BatchResult) -> Table:
     """Topic, rounds, final score, tokens and error for every topic of a batch."""
+    return rows_table(batch.rows())
+
+
+def rows_table(rows: Iterable[dict[str, Any]]) -> Table:
+    """The same for rows as ``BatchResult.rows()`` gives them, possibly from several runs."""
     return Table(
         ["topic", "iterations", "final score", "scores", "tokens", "error"],
         [
@@ -90,7 +95,7 @@ def results_table(batch: pipeline.BatchResult) -> Table:
                 row["usage"]["total_tokens"],
                 row["error"] or "",
             ]
-            for row in batch.rows()
+            for row in rows
         ],
     )
 
@@ -181,6 +186,7 @@ class ReportExplorer:
         self.events: list[dict[str, Any]] = []
         self.progress_rows: dict[str, dict[str, Any]] = {}
         self.results: dict[str, tuple[pipeline.TopicReport, Path]] = {}  # topic -> latest outcome, its run folder
+        self.rows: dict[str, dict[str, Any]] = {}  # topic -> its latest row of BatchResult.rows()
 
         self.topics_box = widgets.Textarea(value="\n".join(topics), placeholder="One topic per line",
                                            description="Topics", layout=widgets.Layout(width="32rem", height="7rem"))
@@ -243,8 +249,9 @@ class ReportExplorer:
                 report_date=self.report_date, output_dir=self.output_dir,
                 run_id=self.run_id if self._runs == 1 else f"{self.run_id}-{self._runs}", on_event=self._on_event,
             )
-            for report in batch.reports:
+            for report, row in zip(batch.reports, batch.rows()):
                 self.results[report.topic] = (report, batch.run_dir)
+                self.rows[report.topic] = row
                 self.progress_rows[report.topic].update(
                     step="done" if report.ok else "failed", error=report.error or "",
                     score=report.result.final_score if report.result else "")
@@ -286,14 +293,7 @@ class ReportExplorer:
         )._repr_html_()
 
     def _refresh_results(self, select: str | None = None) -> None:
-        rows = []
-        for topic, (report, _) in self.results.items():
-            result = report.result
-            parts = [part.usage for part in (result, report.files) if part is not None]
-            usage = sum(parts, pipeline.Usage())
-            rows.append([topic, result.iterations if result else 0,
-                         f"{result.final_score}/10" if result else "", usage.total_tokens, report.error or ""])
-        self.results_table.value = Table(["topic", "iterations", "final score", "tokens", "error"], rows)._repr_html_()
+        self.results_table.value = rows_table(self.rows.values())._repr_html_()
         self.choice.options = list(self.results)
         if select is not None:
             self.choice.value = select

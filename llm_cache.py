@@ -77,12 +77,3 @@ class ResponseCache:
             "INSERT OR IGNORE INTO replies VALUES (?, ?, ?, ?, ?)",
             (key, reply.content, reply.prompt_tokens, reply.completion_tokens, time.time()),
         )
-
-    def __len__(self) -> int:
-        return self._connection().execute("SELECT COUNT(*) FROM replies").fetchone()[0]
-
-    def keys(self) -> set[str]:
-        return {row[0] for row in self._connection().execute("SELECT key FROM replies")}
-
-    def clear(self) -> None:
-        self._connection().execute("DELETE FROM replies")

@@ -536,6 +536,18 @@ class OfflineTransport(httpx2.AsyncBaseTransport):
         return httpx2.Response(status, json=payload)
 
 
+def openai_client(transport: httpx2.AsyncBaseTransport, **options: Any) -> Any:
+    """The real ``AsyncOpenAI`` client, answered in-process by ``transport``: no sockets, no network."""
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(
+        api_key="offline",
+        base_url="http://offline.invalid/v1",  # never resolved: the transport answers
+        http_client=httpx2.AsyncClient(transport=transport),
+        **options,
+    )
+
+
 # --------------------------------------------------------------------------- loopback HTTP server
 
 

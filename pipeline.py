@@ -48,7 +48,6 @@ from typing import Any
 
 import flyte
 import flyte.errors
-import httpx2
 import openai
 import yaml
 from flyte.io import Dir
@@ -193,10 +192,9 @@ def configure(**changes: Any) -> None:
     New LLM clients are made on the next call. Cached task results stay valid:
     the cache key covers the model (see ``ReportConfigPolicy``).
     """
-    global settings, _limit, _reply_cache
+    global settings, _limit
     settings = dataclasses.replace(settings, **changes)
     _limit = InflightLimit(settings.max_concurrency)
-    _reply_cache = None
     _clients.clear()
 
 
@@ -274,7 +272,6 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncOpenAI] = we
 _limit = InflightLimit(settings.max_concurrency)
 _reply_cache: ResponseCache | None = None
 requests_sent = Tally()  # chat completions this process asked a model for
-cache_hits = Tally()  # replies this process reused from the reply cache
 
 
 def get_client() -> AsyncOpenAI:
@@ -289,21 +286,19 @@ def make_client(config: Settings) -> AsyncOpenAI:
     common = {"timeout": config.request_timeout, "max_retries": config.client_retries}
     if config.backend == "offline":
         transport = offline_llm.OfflineTransport(config.offline_latency, config.offline_latency_per_token)
-        return AsyncOpenAI(
-            api_key="offline",
-            base_url="http://offline.invalid/v1",  # never resolved: the transport answers in-process
-            http_client=httpx2.AsyncClient(transport=transport),
-            **common,
-        )
+        return offline_llm.openai_client(transport, **common)
     # The client reads OPENAI_API_KEY itself; base_url None means api.openai.com.
     return AsyncOpenAI(base_url=config.base_url, **common)
 
 
 def reply_cache() -> ResponseCache | None:
+    """The reply cache at ``settings.llm_cache`` (opened once per path), or None when it is off."""
     global _reply_cache
-    if settings.llm_cache is not None and (_reply_cache is None or _reply_cache.path != settings.llm_cache):
+    if settings.llm_cache is None:
+        return None
+    if _reply_cache is None or _reply_cache.path != settings.llm_cache:
         _reply_cache = ResponseCache(settings.llm_cache)
-    return _reply_cache if settings.llm_cache is not None else None
+    return _reply_cache
 
 
 class EmptyReplyError(RuntimeError):
@@ -327,7 +322,6 @@ async def call_llm(system: str, prompt: str, json_mode: bool = False) -> LLMRepl
     }
     cache, key = reply_cache(), request_key(settings.endpoint, request)
     if cache is not None and (hit := cache.get(key)) is not None:
-        cache_hits.add()
         return LLMReply(text=hit.content, usage=Usage(cache_hits=1))
     usage = Usage()
     async with _limit:
@@ -1034,12 +1028,13 @@ def run_batch(
         if on_event:
             _listeners.remove(on_event)
     this_run = Path(run.url).name
-    cached = [r.topic for r in reports if r.result and r.result.produced_in_run not in ("", this_run)]
-    spent = Usage()  # what this run cost: results served by Flyte's cache cost nothing now
-    for report in reports:
-        for part in (report.result, report.files):
-            if part is not None and part.produced_in_run in ("", this_run):
-                spent += part.usage
+
+    def made_now(part: RefineResult | ReportFiles | None) -> bool:  # not served by Flyte's cache
+        return part is not None and part.produced_in_run in ("", this_run)
+
+    cached = [r.topic for r in reports if r.result and not made_now(r.result)]
+    # What this run cost: results served by Flyte's cache cost nothing now.
+    spent = sum((part.usage for r in reports for part in (r.result, r.files) if made_now(part)), Usage())
     batch = BatchResult(
         run_id=run_id,
         run_dir=Path(output_dir or settings.reports_dir).expanduser().resolve() / run_id,

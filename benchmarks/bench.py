@@ -89,14 +89,11 @@ def logging_transport(log: CallLog, latency: float):
 
 def use_transport(transport) -> None:
     """Route the pipeline's model calls through ``transport`` (the real openai client on top)."""
-    import httpx2
-    from openai import AsyncOpenAI
-
+    import offline_llm
     import pipeline
 
-    pipeline.make_client = lambda config: AsyncOpenAI(
-        api_key="offline", base_url="http://offline.invalid/v1", http_client=httpx2.AsyncClient(transport=transport),
-        max_retries=config.client_retries, timeout=config.request_timeout)
+    pipeline.make_client = lambda config: offline_llm.openai_client(
+        transport, max_retries=config.client_retries, timeout=config.request_timeout)
     pipeline._clients.clear()
 
 

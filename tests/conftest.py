@@ -31,6 +31,7 @@ os.environ["REPORT_LLM_CACHE"] = str(SCRATCH / "llm-cache" / "replies.sqlite3")
 os.environ["DO_NOT_TRACK"] = "1"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tools"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -53,18 +54,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(SCRATCH, ignore_errors=True)
 
 
-@pytest.fixture
-def scratch_project(tmp_path: Path) -> Path:
-    """A folder with its own Flyte config, for subprocesses that need a cache of their own."""
-    (tmp_path / ".flyte").mkdir()
-    (tmp_path / ".flyte" / "config.yaml").write_text("local:\n  persistence: true\n")
-    return tmp_path
-
-
 def subprocess_env(**overrides: str) -> dict[str, str]:
-    """The environment for a child process: offline, no keys, the project importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "REPORT"))}
+    """The environment for a child process: offline, no keys, the project importable, an empty reply cache."""
+    from scratch_project import scratch_environment
+
     fresh_cache = Path(tempfile.mkdtemp(prefix="llm-cache-", dir=SCRATCH)) / "replies.sqlite3"
-    env.update(REPORT_BACKEND="offline", REPORT_LLM_CACHE=str(fresh_cache), PYTHONPATH=str(ROOT), DO_NOT_TRACK="1")
-    env.update(overrides)
-    return env
+    return scratch_environment(ROOT, **{"REPORT_LLM_CACHE": str(fresh_cache), **overrides})

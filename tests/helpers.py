@@ -45,16 +45,9 @@ class ScriptedTransport(offline_llm.OfflineTransport):
 def install_transport(monkeypatch: Any, transport: offline_llm.OfflineTransport) -> None:
     """Route every client the pipeline makes from now on through ``transport``."""
     import pipeline
-    from openai import AsyncOpenAI
 
-    def make_client(config: pipeline.Settings) -> AsyncOpenAI:
-        return AsyncOpenAI(
-            api_key="offline",
-            base_url="http://offline.invalid/v1",
-            http_client=httpx2.AsyncClient(transport=transport),
-            max_retries=config.client_retries,
-            timeout=config.request_timeout,
-        )
+    def make_client(config: pipeline.Settings) -> Any:
+        return offline_llm.openai_client(transport, max_retries=config.client_retries, timeout=config.request_timeout)
 
     monkeypatch.setattr(pipeline, "make_client", make_client)
     # A fresh client cache now, and the original (emptied) one back after the test.

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, subprocess_env
 from helpers import ScriptedTransport, install_transport
-
-sys.path.insert(0, str(ROOT / "tools"))
-from scratch_project import MODULES  # noqa: E402
+from scratch_project import make_scratch_project
 
 import offline_llm
 import pipeline
@@ -143,15 +141,9 @@ def run_cli(args, cwd, **env):
                           text=True, timeout=300, env=subprocess_env(**env))
 
 
-def copy_modules(project: Path) -> Path:
-    for module in MODULES:
-        (project / module).write_text((ROOT / module).read_text(encoding="utf-8"), encoding="utf-8")
-    return project
-
-
-def test_cache_hits_on_rerun_and_misses_when_a_prompt_changes(scratch_project):
+def test_cache_hits_on_rerun_and_misses_when_a_prompt_changes(tmp_path):
     """Run the CLI in a project of its own, twice, then with an edited prompt."""
-    project = copy_modules(scratch_project)
+    project = make_scratch_project(tmp_path / "project")
 
     def run(run_id):
         done = subprocess.run([sys.executable, "pipeline.py", "Cats", "Dogs", "--out", "out", "--run-id", run_id,
@@ -210,19 +202,19 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     assert done.stderr.strip() == "error: max_iterations must be a whole number from 1 to 10, got 0"
 
 
-def test_flyte_run_local_works_on_the_module(scratch_project):
+def test_flyte_run_local_works_on_the_module(tmp_path):
+    project = make_scratch_project(tmp_path / "project")
     done = subprocess.run(
         [str(Path(sys.executable).parent / "flyte"), "run", "--local", "pipeline.py",
          "report_batch_pipeline", "--topics", '["Cats", "Dogs"]', "--max_iterations", "2",
          "--report_date", "2026-11-29"],
-        cwd=copy_modules(scratch_project), capture_output=True, text=True, timeout=300,
-        env=subprocess_env(PYTHONPATH=str(scratch_project)))
+        cwd=project, capture_output=True, text=True, timeout=300, env=subprocess_env(PYTHONPATH=str(project)))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Success" in done.stdout and "error=None" in done.stdout, done.stdout[-3000:]
 
 
-def test_end_to_end_against_the_loopback_server_configured_only_by_environment(scratch_project):
-    tmp_path = scratch_project
+def test_end_to_end_against_the_loopback_server_configured_only_by_environment(tmp_path):
+    make_scratch_project(tmp_path)  # a Flyte config of its own, so the project's cache is not touched
     server = subprocess.Popen([sys.executable, "-m", "offline_llm", "--port", "0"], stdout=subprocess.PIPE,
                               text=True, env=subprocess_env(), cwd=tmp_path)
     try:

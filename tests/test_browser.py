@@ -30,11 +30,9 @@ import pytest
 from conftest import ROOT
 from helpers import ScriptedTransport, install_transport
 from hostile import HOSTILE_TOPIC, TRAP, VECTORS, HostileServer, hostile_rewrite
+from scratch_project import make_scratch_project, scratch_environment
 
 import pipeline
-
-sys.path.insert(0, str(ROOT / "tools"))
-from scratch_project import make_scratch_project, scratch_environment  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = ROOT / "build" / "screenshots"

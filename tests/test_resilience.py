@@ -17,6 +17,7 @@ import flyte
 import pytest
 from conftest import ROOT, subprocess_env
 from fault_server import FaultyServer
+from scratch_project import make_scratch_project, scratch_environment
 
 import pipeline
 from llm_cache import CachedReply, ResponseCache, request_key
@@ -58,11 +59,16 @@ def test_concurrent_writers_in_processes_and_threads(tmp_path):
     for worker in (*processes, *threads):
         worker.join(120)
     assert all(p.exitcode == 0 for p in processes)
-    cache = ResponseCache(Path(path))
-    assert len(cache) == 150 + 5 * 150
-    assert cache.get("shared-7") == CachedReply("reply 7", 1, 2)
+    assert ResponseCache(Path(path)).get("shared-7") == CachedReply("reply 7", 1, 2)
+    assert stored_keys(Path(path)) == {f"shared-{i}" for i in range(150)} | {
+        f"own-{w}-{i}" for w in range(5) for i in range(150)}
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def stored_keys(path: Path) -> set[str]:
+    with sqlite3.connect(path) as db:
+        return {row[0] for row in db.execute("SELECT key FROM replies")}
 
 
 def test_a_task_retry_repeats_no_completed_call():
@@ -209,7 +215,7 @@ def test_a_killed_batch_resumes_without_repeating_completed_calls(tmp_path):
             time.sleep(0.005)
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait(10)
-        completed = ResponseCache(cache_path).keys()
+        completed = stored_keys(cache_path)
         requests_before = server.requests
         received_before = len(server.received)
         assert not (out / "resume").exists(), "nothing half-written under the run's name"
@@ -238,9 +244,6 @@ CANARY = "sk-canary-0123456789abcdefXYZ"
 
 
 def test_a_canary_key_never_leaves_the_process(tmp_path):
-    sys.path.insert(0, str(ROOT / "tools"))
-    from scratch_project import make_scratch_project, scratch_environment
-
     project = make_scratch_project(tmp_path / "project")
     with FaultyServer(fault_percent=30) as server:
         env = scratch_environment(project, OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY=CANARY,
