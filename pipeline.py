@@ -26,9 +26,11 @@ account and no network. Set ``OPENAI_API_KEY`` (and ``OPENAI_BASE_URL`` for
 Ollama, vLLM or llama.cpp) to use a real model; see the README.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: Flyte's type engine resolves the annotations of
+# our pydantic records on every conversion, and string annotations made cached reruns 25% slower.
 import asyncio
+import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import functools
@@ -42,9 +44,9 @@ import re
 import shutil
 import sys
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import flyte
 import flyte.errors
@@ -83,7 +85,7 @@ class Settings:
     run_history: bool = False  # Flyte's local run history (for `flyte start tui`); costs ~6 ms per traced call
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+    def from_env(cls, environ: dict[str, str] | None = None) -> Self:
         env = dict(os.environ if environ is None else environ)
         has_openai = bool(env.get("OPENAI_API_KEY") or env.get("OPENAI_BASE_URL"))
         backend = (env.get("REPORT_BACKEND") or ("openai" if has_openai else "offline")).strip().lower()
@@ -248,7 +250,7 @@ class Usage(Record):
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def __add__(self, other: Usage) -> Usage:
+    def __add__(self, other: Self) -> Self:
         return Usage(
             requests=self.requests + other.requests,
             cache_hits=self.cache_hits + other.cache_hits,
@@ -257,9 +259,14 @@ class Usage(Record):
         )
 
 
-class LLMReply(Record):
-    text: str
-    usage: Usage
+class UsageMeter:
+    """Adds up the usage of every model call made while it is active (see ``metering``)."""
+
+    def __init__(self) -> None:
+        self.total = Usage()
+
+    def add(self, usage: Usage) -> None:
+        self.total += usage
 
 
 # {{/docs-fragment prompts}}
@@ -272,6 +279,26 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncOpenAI] = we
 _limit = InflightLimit(settings.max_concurrency)
 _reply_cache: ResponseCache | None = None
 requests_sent = Tally()  # chat completions this process asked a model for
+# Usage travels beside the replies, not inside them: traced functions return plain text,
+# which is what Flyte records cheapest, and each task reads its own meter at the end. (On a
+# cluster, a call replayed from its checkpoint costs nothing now, so it is not counted.)
+_meter: contextvars.ContextVar[UsageMeter | None] = contextvars.ContextVar("usage_meter", default=None)
+
+
+@contextlib.contextmanager
+def metering() -> Iterator[UsageMeter]:
+    """Count the model calls made inside the block, including concurrent ones it starts."""
+    meter = UsageMeter()
+    token = _meter.set(meter)
+    try:
+        yield meter
+    finally:
+        _meter.reset(token)
+
+
+def record_usage(usage: Usage) -> None:
+    if (meter := _meter.get()) is not None:
+        meter.add(usage)
 
 
 def get_client() -> AsyncOpenAI:
@@ -309,7 +336,7 @@ EMPTY_REPLY_RETRIES = 2
 
 
 @flyte.trace
-async def call_llm(system: str, prompt: str, json_mode: bool = False) -> LLMReply:
+async def call_llm(system: str, prompt: str, json_mode: bool = False) -> str:
     """One chat completion. Traced: on a cluster a retried task replays it from its checkpoint.
 
     Locally, the reply cache plays that role: an identical request is answered from disk.
@@ -322,7 +349,8 @@ async def call_llm(system: str, prompt: str, json_mode: bool = False) -> LLMRepl
     }
     cache, key = reply_cache(), request_key(settings.endpoint, request)
     if cache is not None and (hit := cache.get(key)) is not None:
-        return LLMReply(text=hit.content, usage=Usage(cache_hits=1))
+        record_usage(Usage(cache_hits=1))
+        return hit.content
     usage = Usage()
     async with _limit:
         for _ in range(1 + EMPTY_REPLY_RETRIES):
@@ -342,9 +370,10 @@ async def call_llm(system: str, prompt: str, json_mode: bool = False) -> LLMRepl
                 break
         else:
             raise EmptyReplyError(f"the model returned an empty reply {usage.requests} times in a row")
+    record_usage(usage)
     if cache is not None:
         cache.put(key, CachedReply(text, usage.prompt_tokens, usage.completion_tokens))
-    return LLMReply(text=text, usage=usage)
+    return text
 
 
 # {{/docs-fragment llm-call}}
@@ -374,24 +403,18 @@ class CritiqueError(flyte.errors.NonRecoverableError):
         super().__init__(message, code="CritiqueError")
 
 
-class CritiqueReply(Record):
-    critique: Critique
-    usage: Usage
-
-
 @flyte.trace
-async def write_draft(topic: str) -> LLMReply:
+async def write_draft(topic: str) -> str:
     return await call_llm(WRITER_PROMPT, f"Topic: {topic}\n\nWrite the report.")
 
 
 @flyte.trace
-async def critique_draft(topic: str, draft: str) -> CritiqueReply:
+async def critique_draft(topic: str, draft: str) -> Critique:
     """Ask for a JSON critique; one bounded repair request if the reply does not validate."""
     prompt = f"Topic: {topic}\n\nReport to review:\n\n{draft}"
     reply = await call_llm(CRITIC_PROMPT, prompt, json_mode=True)
-    usage = reply.usage
     try:
-        return CritiqueReply(critique=Critique.model_validate_json(reply.text), usage=usage)
+        return Critique.model_validate_json(reply)
     except ValidationError as error:
         problem = _validation_summary(error)
     repair = (
@@ -400,9 +423,8 @@ async def critique_draft(topic: str, draft: str) -> CritiqueReply:
         f"and summary.\n\nReport to review:\n\n{draft}"
     )
     retry = await call_llm(CRITIC_PROMPT, repair, json_mode=True)
-    usage = usage + retry.usage
     try:
-        return CritiqueReply(critique=Critique.model_validate_json(retry.text), usage=usage)
+        return Critique.model_validate_json(retry)
     except ValidationError as error:
         raise CritiqueError(
             f"The critic's reply for {topic!r} was invalid twice (after one repair request): "
@@ -421,14 +443,14 @@ def _validation_summary(error: ValidationError) -> str:
 
 
 @flyte.trace
-async def revise_draft(topic: str, draft: str, improvements: list[str]) -> LLMReply:
+async def revise_draft(topic: str, draft: str, improvements: list[str]) -> str:
     todo = "\n".join(f"- {item}" for item in improvements) or "- Tighten the wording."
     prompt = f"Topic: {topic}\n\nImprovements to make:\n{todo}\n\nCurrent report:\n\n{draft}"
     return await call_llm(REVISER_PROMPT, prompt)
 
 
 @flyte.trace
-async def summarize_report(topic: str, report: str) -> LLMReply:
+async def summarize_report(topic: str, report: str) -> str:
     return await call_llm(SUMMARY_PROMPT, f"Topic: {topic}\n\nReport to summarize:\n\n{report}")
 
 
@@ -523,29 +545,27 @@ class RefineResult(Record):
 @llm_env.task(retries=3)
 async def refine_report(topic: str, max_iterations: int = 3, quality_threshold: int = 8) -> RefineResult:
     """Draft, then critique and revise until the score reaches the threshold or the rounds run out."""
-    emit(topic, "draft")
-    draft = await write_draft(topic)
-    markdown, usage, history = draft.text, draft.usage, []
-    for iteration in range(1, max_iterations + 1):
-        with flyte.group(f"refinement_{iteration}"):
-            emit(topic, "critique", iteration=iteration)
-            reply = await critique_draft(topic, markdown)
-            usage += reply.usage
-            critique = reply.critique
-            history.append(Round(iteration=iteration, **critique.model_dump()))
-            emit(topic, "scored", iteration=iteration, score=critique.score)
-            # The last round's critique scores the final text, so we never revise after it.
-            if critique.score >= quality_threshold or iteration == max_iterations:
-                break
-            emit(topic, "revise", iteration=iteration)
-            revision = await revise_draft(topic, markdown, critique.improvements)
-            markdown, usage = revision.text, usage + revision.usage
+    with metering() as meter:
+        emit(topic, "draft")
+        markdown = await write_draft(topic)
+        history = []
+        for iteration in range(1, max_iterations + 1):
+            with flyte.group(f"refinement_{iteration}"):
+                emit(topic, "critique", iteration=iteration)
+                critique = await critique_draft(topic, markdown)
+                history.append(Round(iteration=iteration, **critique.model_dump()))
+                emit(topic, "scored", iteration=iteration, score=critique.score)
+                # The last round's critique scores the final text, so we never revise after it.
+                if critique.score >= quality_threshold or iteration == max_iterations:
+                    break
+                emit(topic, "revise", iteration=iteration)
+                markdown = await revise_draft(topic, markdown, critique.improvements)
     return RefineResult(
         topic=topic,
         markdown=markdown,
         history=history,
         model=settings.model_name,
-        usage=usage,
+        usage=meter.total,
         produced_in_run=current_run(),
     )
 
@@ -656,17 +676,21 @@ class ReportFiles(Record):
 @llm_env.task(retries=2)
 async def format_outputs(result: RefineResult, report_date: str) -> ReportFiles:
     emit(result.topic, "format")
-    with flyte.group("formatting"):
+    with flyte.group("formatting"), metering() as meter:
         markdown, page, summary = await asyncio.gather(
             asyncio.to_thread(format_as_markdown, result, report_date),
             asyncio.to_thread(format_as_html, result, report_date),
             summarize_report(result.topic, result.markdown),
         )
     folder = work_folder(result, report_date)
-    atomic_write_text(folder / "report.md", markdown)
-    atomic_write_text(folder / "report.html", page)
-    atomic_write_text(folder / "summary.txt", summary.text.strip() + "\n")
-    return ReportFiles(folder=await Dir.from_local(folder), usage=summary.usage, produced_in_run=current_run())
+    files = {"report.md": markdown, "report.html": page, "summary.txt": summary.strip() + "\n"}
+    await asyncio.to_thread(write_files, folder, files)  # fsync blocks; keep it off the event loop
+    return ReportFiles(folder=await Dir.from_local(folder), usage=meter.total, produced_in_run=current_run())
+
+
+def write_files(folder: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        atomic_write_text(folder / name, text)
 
 
 def work_folder(result: RefineResult, report_date: str) -> Path:

@@ -17,6 +17,16 @@ DRAFT = offline_llm.write_draft("Cats")
 VALID = json.dumps({"score": 6, "strengths": ["clear"], "improvements": ["Add a conclusion."], "summary": "ok"})
 
 
+def run_metered(step, *args):
+    """Run one traced step on a fresh loop; return its result and the usage it recorded."""
+
+    async def go():
+        with pipeline.metering() as meter:
+            return await step(*args), meter.total
+
+    return asyncio.run(go())
+
+
 def critic_replies(*replies: str):
     """A rewrite hook that answers successive critique requests with ``replies``."""
     queue = list(replies)
@@ -49,20 +59,20 @@ def test_a_bad_critique_gets_one_repair_request_that_quotes_the_error(bad_reply,
         return await real_call(system, prompt, json_mode)
 
     monkeypatch.setattr(pipeline, "call_llm", spy)
-    reply = asyncio.run(pipeline.critique_draft("Cats", DRAFT))
+    critique, usage = run_metered(pipeline.critique_draft, "Cats", DRAFT)
     assert transport.count("critic") == 2
-    assert reply.usage.requests == 2
+    assert usage.requests == 2
     assert quoted in prompts[1], prompts[1][:300]
-    assert reply.critique == pipeline.Critique.model_validate(offline_llm.critique(DRAFT, "Cats"))
+    assert critique == pipeline.Critique.model_validate(offline_llm.critique(DRAFT, "Cats"))
 
 
 def test_an_empty_reply_is_asked_again_not_repaired(monkeypatch):
     transport = ScriptedTransport(critic_replies("", "  \n"))
     install_transport(monkeypatch, transport)
-    reply = asyncio.run(pipeline.critique_draft("Cats", DRAFT))
+    critique, usage = run_metered(pipeline.critique_draft, "Cats", DRAFT)
     assert transport.count("critic") == 3, "two empty replies, then the same request once more"
-    assert reply.usage.requests == 3
-    assert reply.critique.score == offline_llm.critique(DRAFT, "Cats")["score"]
+    assert usage.requests == 3
+    assert critique.score == offline_llm.critique(DRAFT, "Cats")["score"]
 
 
 def test_empty_replies_beyond_the_budget_are_a_clear_error(monkeypatch):
@@ -83,26 +93,49 @@ def test_a_critique_invalid_twice_is_a_clear_error(monkeypatch):
 
 def test_a_score_given_as_a_string_is_accepted(monkeypatch):
     install_transport(monkeypatch, ScriptedTransport(critic_replies(VALID.replace("6", '"6"', 1))))
-    assert asyncio.run(pipeline.critique_draft("Cats", DRAFT)).critique.score == 6
+    assert asyncio.run(pipeline.critique_draft("Cats", DRAFT)).score == 6
 
 
 def test_usage_adds_up_over_the_steps(monkeypatch):
     async def steps():
         draft = await pipeline.write_draft("Cats")
-        critique = await pipeline.critique_draft("Cats", draft.text)
-        return draft.usage + critique.usage
+        return await pipeline.critique_draft("Cats", draft)
 
-    usage = asyncio.run(steps())
+    _, usage = run_metered(steps)
     assert usage.requests == 2
     assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+def test_concurrent_meters_count_only_their_own_calls():
+    """Topics share one event loop; each task's meter must see its own calls, gathered ones included."""
+
+    async def topic(name: str, calls: int):
+        with pipeline.metering() as meter:
+            await asyncio.gather(*(pipeline.write_draft(f"{name} {i}") for i in range(calls)))
+            return meter.total
+
+    async def both():
+        return await asyncio.gather(topic("Cats", 1), topic("Dogs", 3))
+
+    cats, dogs = asyncio.run(both())
+    assert (cats.requests, dogs.requests) == (1, 3)
+
+
+def test_a_reply_cache_hit_is_counted_as_a_hit_not_a_request(tmp_path):
+    pipeline.configure(llm_cache=tmp_path / "replies.sqlite3")
+    first, spent = run_metered(pipeline.write_draft, "Cats")
+    again, reused = run_metered(pipeline.write_draft, "Cats")
+    assert first == again
+    assert (spent.requests, spent.cache_hits) == (1, 0)
+    assert (reused.requests, reused.cache_hits, reused.total_tokens) == (0, 1, 0)
+
+
 def test_one_client_per_event_loop_across_notebook_and_flyte_loops(tmp_path):
     """A direct await, then a Flyte run, then a direct await on a new loop: all work."""
-    first = asyncio.run(pipeline.write_draft("Cats")).text
+    first = asyncio.run(pipeline.write_draft("Cats"))
     batch = pipeline.run_batch(["Cats"], max_iterations=1, output_dir=tmp_path, run_id="loops", use_cache=False)
-    again = asyncio.run(pipeline.write_draft("Cats")).text
+    again = asyncio.run(pipeline.write_draft("Cats"))
     assert first == again == offline_llm.write_draft("Cats")
     assert batch.reports[0].ok, batch.reports[0].error
 
