@@ -951,7 +951,7 @@ def save_run(batch: BatchResult) -> BatchResult:
         for report in batch.reports:
             if report.files is None:
                 continue
-            shutil.copytree(Path(report.files.folder.download_sync()), staging / report.slug)
+            report.files.folder.download_sync(staging / report.slug)  # a copy here; a download on a cluster
         atomic_write_text(staging / "index.html", format_index_html(batch))
         atomic_write_text(
             staging / "summary.json", json.dumps(summary_document(batch), indent=2, ensure_ascii=False) + "\n"

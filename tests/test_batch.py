@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,6 @@ def test_same_inputs_give_byte_identical_reports(batch, tmp_path):
 
 
 def test_no_scratch_folders_are_left_in_tmp(tmp_path):
-    import tempfile
 
     def scratch_folders():
         return set(Path(tempfile.gettempdir()).glob("report-*"))
@@ -184,6 +184,16 @@ def test_a_deleted_work_folder_is_made_again_on_a_cache_hit(tmp_path):
         for name in pipeline.REPORT_FILES:
             assert (second.folder(topic) / name).read_bytes() == (first.folder(topic) / name).read_bytes()
     assert all(folder.exists() for folder in folders), "made again where the cache says they are"
+
+
+def test_saving_a_run_leaves_no_temporary_folder_per_topic(tmp_path, monkeypatch):
+    """Dir.download_sync() without a destination makes an empty flyte-tmp-* folder per call (Flyte 2.12)."""
+    scratch_tmp = tmp_path / "tmp"
+    scratch_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_tmp))
+    batch = pipeline.run_batch(["Cats", "Dogs"], max_iterations=1, output_dir=tmp_path / "out", run_id="one")
+    assert all((batch.folder(topic) / "report.md").exists() for topic in ("Cats", "Dogs"))
+    assert list(scratch_tmp.glob("flyte-tmp-*")) == []
 
 
 def test_cache_key_covers_model_and_prompts(monkeypatch):
