@@ -474,7 +474,7 @@ def config_fingerprint() -> str:
         CRITIC_PROMPT,
         REVISER_PROMPT,
         SUMMARY_PROMPT,
-        json.dumps(Critique.model_json_schema(), sort_keys=True),
+        critique_schema(),
         settings.backend,
         settings.model_name,
         settings.base_url or "",
@@ -482,6 +482,11 @@ def config_fingerprint() -> str:
         *(source_hash(step) for step in (call_llm, write_draft, critique_draft, revise_draft, summarize_report)),
     ]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+@functools.cache  # asked for on every cache lookup; the class cannot change while the process runs
+def critique_schema() -> str:
+    return json.dumps(Critique.model_json_schema(), sort_keys=True)
 
 
 @functools.cache  # source does not change while the process runs, and reading it is slow

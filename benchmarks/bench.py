@@ -31,9 +31,12 @@ from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# Timings compared with each other are taken in turns, `repeats` times, and the best of each kept:
+# on a shared machine a single run can be 30% slow for reasons that have nothing to do with it.
 FULL = {"fanout": [1, 20, 100], "overhead": 200, "scaling": [1, 10, 50, 100, 200, 500], "latency": 0.2,
-        "rss_topics": 500, "rerun": 50}
-QUICK = {"fanout": [1, 3], "overhead": 5, "scaling": [1, 3], "latency": 0.05, "rss_topics": 5, "rerun": 3}
+        "rss_topics": 500, "rerun": 50, "repeats": 3}
+QUICK = {"fanout": [1, 3], "overhead": 5, "scaling": [1, 3], "latency": 0.05, "rss_topics": 5, "rerun": 3,
+         "repeats": 1}
 TARGETS = {"efficiency_20": 0.95, "efficiency_100": 0.90, "overhead_ratio": 2.0, "rerun_speedup": 50.0,
            "rss_mb_500": 400.0}
 DATE = "2026-11-29"
@@ -169,18 +172,23 @@ def cleanup(reports) -> None:
 
 
 def fan_out_efficiency(config: dict) -> list[dict]:
+    """Flyte's local run, and beside it the same calls awaited as plain coroutines: the ceiling of one event loop."""
     import pipeline
 
     rows = []
     for count in config["fanout"]:
         pipeline.configure(max_concurrency=max(8, count), llm_cache=None)
-        log = CallLog()
-        use_transport(logging_transport(log, config["latency"]))
-        wall = run_with_flyte(topics_for(count, f"Fan-out {count}"))
-        critical = log.critical_path(config["latency"])
-        rows.append({"topics": count, "latency_s": config["latency"], "calls": len(log.calls),
-                     "critical_path_s": round(critical, 3), "wall_s": round(wall, 3),
-                     "efficiency": round(critical / wall, 3)})
+        row: dict[str, Any] = {"topics": count, "latency_s": config["latency"]}
+        for _ in range(config["repeats"]):
+            for label, runner in (("", run_with_flyte), ("asyncio_", run_plain_asyncio)):
+                log = CallLog()
+                use_transport(logging_transport(log, config["latency"]))
+                wall = runner(topics_for(count, f"Fan-out {count}"))
+                if wall < row.get(f"{label}wall_s", float("inf")):
+                    critical = log.critical_path(config["latency"])
+                    row.update({f"{label}calls": len(log.calls), f"{label}critical_path_s": round(critical, 3),
+                                f"{label}wall_s": round(wall, 3), f"{label}efficiency": round(critical / wall, 3)})
+        rows.append(row)
     pipeline.configure(max_concurrency=8)
     return rows
 
@@ -191,31 +199,39 @@ def orchestration_overhead(config: dict) -> dict:
     count = config["overhead"]
     pipeline.configure(max_concurrency=max(8, count), llm_cache=None)
     original_get_client = pipeline.get_client
-    timings = {}
-    for label, runner, transport in (
-        ("flyte_and_client", run_with_flyte, True),
-        ("flyte_and_client_with_run_history", run_with_flyte, True),
-        ("asyncio_and_client", run_plain_asyncio, True),
-        ("asyncio_without_client", run_plain_asyncio, False),
-    ):
-        pipeline.configure(run_history=label.endswith("run_history"))
-        log = CallLog()
-        if transport:
-            use_transport(logging_transport(log, 0.0))
-        else:
-            direct = DirectClient(log, 0.0)
-            pipeline.get_client = lambda client=direct: client
-        runner(topics_for(2, f"Warm-up {label}"))  # imports, first-run costs
-        log.calls.clear()
-        wall = runner(topics_for(count, "Overhead"))  # the same topics, so exactly the same calls
-        timings[label] = {"wall_s": round(wall, 3), "per_topic_ms": round(1000 * wall / count, 2),
-                          "calls": len(log.calls)}
-        pipeline.get_client = original_get_client
-    pipeline.configure(max_concurrency=8)
+    timings: dict[str, dict] = {}
+    for round_number in range(config["repeats"]):
+        for label, runner, transport in (
+            ("flyte_and_client", run_with_flyte, True),
+            ("flyte_and_client_with_run_history", run_with_flyte, True),
+            ("asyncio_and_client", run_plain_asyncio, True),
+            ("asyncio_without_client", run_plain_asyncio, False),
+        ):
+            pipeline.configure(run_history=label.endswith("run_history"))
+            log = CallLog()
+            if transport:
+                use_transport(logging_transport(log, 0.0))
+            else:
+                direct = DirectClient(log, 0.0)
+                pipeline.get_client = lambda client=direct: client
+            if round_number == 0:
+                runner(topics_for(2, f"Warm-up {label}"))  # imports, first-run costs
+                log.calls.clear()
+            wall = runner(topics_for(count, "Overhead"))  # the same topics, so exactly the same calls
+            if wall < timings.get(label, {}).get("wall_s", float("inf")):
+                timings[label] = {"wall_s": round(wall, 3), "per_topic_ms": round(1000 * wall / count, 2),
+                                  "calls": len(log.calls)}
+            pipeline.get_client = original_get_client
+    pipeline.configure(max_concurrency=8, run_history=False)
     per_topic = {k: v["per_topic_ms"] for k, v in timings.items()}
+    # Per topic, Flyte runs two tasks and two traced functions per model call (the step and call_llm).
+    actions_per_topic = 2 + 2 * timings["flyte_and_client"]["calls"] / count
     return {
         "topics": count,
         "runs": timings,
+        "flyte_actions_per_topic": round(actions_per_topic, 1),
+        "flyte_ms_per_action": round((per_topic["flyte_and_client"] - per_topic["asyncio_and_client"])
+                                     / actions_per_topic, 2),
         "flyte_vs_asyncio": round(per_topic["flyte_and_client"] / per_topic["asyncio_and_client"], 2),
         "client_vs_no_client": round(per_topic["asyncio_and_client"] / per_topic["asyncio_without_client"], 2),
         "flyte_vs_bare": round(per_topic["flyte_and_client"] / per_topic["asyncio_without_client"], 2),
@@ -229,19 +245,26 @@ def cached_rerun(config: dict, scratch: Path) -> dict:
     count = config["rerun"]
     pipeline.configure(max_concurrency=max(8, count), llm_cache=scratch / "bench-replies.sqlite3")
     use_transport(logging_transport(CallLog(), config["latency"]))
-    topics = topics_for(count, "Rerun")
-    timings, requests = [], []
-    for run_id in ("first", "second"):
-        before = pipeline.requests_sent.value
-        start = time.perf_counter()
-        batch = pipeline.run_batch(topics, report_date=DATE, output_dir=scratch / "reports", run_id=run_id)
-        timings.append(time.perf_counter() - start)
-        requests.append(pipeline.requests_sent.value - before)
-        assert all(report.ok for report in batch.reports)
+    timings: dict[str, list[float]] = {"first": [], "second": []}
+    requests = {"first": 0, "second": 0}
+    cached = []
+    for round_number in range(config["repeats"]):
+        topics = topics_for(count, f"Rerun {round_number}")  # new topics: a real first run each round
+        for run in ("first", "second"):
+            before = pipeline.requests_sent.value
+            start = time.perf_counter()
+            batch = pipeline.run_batch(topics, report_date=DATE, output_dir=scratch / "reports",
+                                       run_id=f"{run}-{round_number}")
+            timings[run].append(time.perf_counter() - start)
+            requests[run] += pipeline.requests_sent.value - before
+            assert all(report.ok for report in batch.reports)
+        cached.append(len(batch.cached_topics))
     pipeline.configure(max_concurrency=8, llm_cache=None)
-    return {"topics": count, "latency_s": config["latency"], "first_s": round(timings[0], 3),
-            "second_s": round(timings[1], 3), "speedup": round(timings[0] / timings[1], 1),
-            "first_requests": requests[0], "second_requests": requests[1], "cached_topics": len(batch.cached_topics)}
+    first, second = min(timings["first"]), min(timings["second"])
+    return {"topics": count, "latency_s": config["latency"], "rounds": config["repeats"],
+            "first_s": round(first, 3), "second_s": round(second, 3), "speedup": round(first / second, 1),
+            "first_requests": requests["first"], "second_requests": requests["second"],
+            "cached_topics": min(cached)}
 
 
 def scaling(config: dict) -> list[dict]:
@@ -251,7 +274,7 @@ def scaling(config: dict) -> list[dict]:
     for count in config["scaling"]:
         pipeline.configure(max_concurrency=max(8, count), llm_cache=None)
         use_transport(logging_transport(CallLog(), 0.0))
-        wall = run_with_flyte(topics_for(count, f"Scale {count}"))
+        wall = min(run_with_flyte(topics_for(count, f"Scale {count}")) for _ in range(config["repeats"]))
         rows.append({"topics": count, "wall_s": round(wall, 3), "per_topic_ms": round(1000 * wall / count, 2)})
     pipeline.configure(max_concurrency=8)
     return rows
@@ -324,16 +347,19 @@ def checks(results: dict, quick: bool) -> dict[str, dict]:
 
 def markdown_table(results: dict) -> str:
     lines = ["| measurement | configuration | result | target | met |", "|---|---|---|---|---|"]
+    best = f"best of {results['config']['repeats']}"
     met = lambda name: {True: "yes", False: "**no**", None: "-"}[results["checks"][name]["met"]]  # noqa: E731
     for row in results["fan_out"]:
         name = f"efficiency_{row['topics']}"
         target = f">= {TARGETS[name]}" if name in TARGETS else ""
         lines.append(f"| fan-out efficiency (critical path / wall) | {row['topics']} topics, {row['calls']} calls at "
-                     f"{row['latency_s']} s | {row['efficiency']:.3f} ({row['critical_path_s']} s / {row['wall_s']} s) "
+                     f"{row['latency_s']} s, {best} | {row['efficiency']:.3f} ({row['critical_path_s']} s / {row['wall_s']} s) "
                      f"| {target} | {met(name) if name in TARGETS else '-'} |")
+        lines.append(f"| same calls, plain asyncio (no Flyte) | {row['topics']} topics | {row['asyncio_efficiency']:.3f} "
+                     f"({row['asyncio_critical_path_s']} s / {row['asyncio_wall_s']} s) | | |")
     overhead = results["overhead"]
     runs = overhead["runs"]
-    lines.append(f"| per-topic time, Flyte + openai client | {overhead['topics']} topics, zero latency | "
+    lines.append(f"| per-topic time, Flyte + openai client | {overhead['topics']} topics, zero latency, {best} | "
                  f"{runs['flyte_and_client']['per_topic_ms']} ms | | |")
     lines.append(f"| per-topic time, Flyte + openai client, run history on | same calls | "
                  f"{runs['flyte_and_client_with_run_history']['per_topic_ms']} ms | | |")
@@ -343,17 +369,20 @@ def markdown_table(results: dict) -> str:
                  f"{runs['asyncio_without_client']['per_topic_ms']} ms | | |")
     lines.append(f"| Flyte overhead ratio (Flyte / plain asyncio, both with the client) | | "
                  f"{overhead['flyte_vs_asyncio']}x | <= {TARGETS['overhead_ratio']}x | {met('overhead_ratio')} |")
+    lines.append(f"| Flyte's cost per action ({overhead['flyte_actions_per_topic']} actions per topic) | | "
+                 f"{overhead['flyte_ms_per_action']} ms | | |")
     lines.append(f"| client layer ratio (with / without the openai client) | | {overhead['client_vs_no_client']}x | | |")
     lines.append(f"| run history ratio (Flyte with / without local run history) | | "
                  f"{overhead['run_history_vs_none']}x | | |")
     rerun = results["cached_rerun"]
-    lines.append(f"| cached rerun speedup | {rerun['topics']} topics at {rerun['latency_s']} s | {rerun['speedup']}x "
+    lines.append(f"| cached rerun speedup | {rerun['topics']} topics at {rerun['latency_s']} s, {best} | "
+                 f"{rerun['speedup']}x "
                  f"({rerun['first_s']} s -> {rerun['second_s']} s) | >= {TARGETS['rerun_speedup']}x | "
                  f"{met('rerun_speedup')} |")
-    lines.append(f"| model requests in the rerun | | {rerun['second_requests']} (first run: "
+    lines.append(f"| model requests in the reruns | {rerun['rounds']} rounds | {rerun['second_requests']} (first runs: "
                  f"{rerun['first_requests']}) | 0 | {met('rerun_makes_no_calls')} |")
     for row in results["scaling"]:
-        lines.append(f"| scaling, zero latency | {row['topics']} topics | {row['wall_s']} s, "
+        lines.append(f"| scaling, zero latency, {best} | {row['topics']} topics | {row['wall_s']} s, "
                      f"{row['per_topic_ms']} ms per topic | | |")
     lines.append(f"| peak memory (RSS) | {results['config']['rss_topics']} topics | {results['peak_rss_mb']} MB | "
                  f"<= {TARGETS['rss_mb_500']:.0f} MB | {met('rss_mb_500')} |")
@@ -374,7 +403,13 @@ def plot(results: dict, path: Path) -> None:
     left.plot([r["topics"] for r in scale], [r["per_topic_ms"] for r in scale], marker="o")
     left.set(xscale="log", xlabel="topics in the batch", ylabel="ms per topic", title="Scaling at zero latency")
     fan = results["fan_out"]
-    right.bar([str(r["topics"]) for r in fan], [r["efficiency"] for r in fan], color="#1f6feb")
+    positions = range(len(fan))
+    right.bar([x - 0.2 for x in positions], [r["efficiency"] for r in fan], width=0.4, color="#1f6feb",
+              label="Flyte local run")
+    right.bar([x + 0.2 for x in positions], [r["asyncio_efficiency"] for r in fan], width=0.4, color="#8c959f",
+              label="plain asyncio")
+    right.set_xticks(list(positions), [str(r["topics"]) for r in fan])
+    right.legend(loc="upper right", fontsize="small")
     right.axhline(1.0, color="grey", linewidth=1)
     right.set(ylim=(0, 1.05), xlabel="topics", ylabel="critical path / wall time",
               title=f"Fan-out efficiency at {fan[0]['latency_s']} s per call")

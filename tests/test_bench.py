@@ -20,9 +20,13 @@ def test_the_benchmark_runs_in_a_tiny_configuration(tmp_path):
         assert 3 * row["topics"] <= row["calls"] <= 7 * row["topics"]
         assert 3 * row["latency_s"] - 1e-6 <= row["critical_path_s"] <= 7 * row["latency_s"] + 1e-6
         assert 0 < row["efficiency"] <= 1.05
+        assert row["asyncio_calls"] == row["calls"], "plain asyncio makes exactly the calls Flyte's run made"
+        assert row["asyncio_critical_path_s"] == row["critical_path_s"]
+        assert 0 < row["asyncio_efficiency"] <= 1.05
     assert set(results["overhead"]["runs"]) == {"flyte_and_client", "flyte_and_client_with_run_history",
                                                 "asyncio_and_client", "asyncio_without_client"}
     assert len({run["calls"] for run in results["overhead"]["runs"].values()}) == 1, "every variant makes the same calls"
+    assert results["overhead"]["flyte_actions_per_topic"] >= 2 + 2 * 3, "two tasks and two traces per model call"
     rerun = results["cached_rerun"]
     assert rerun["first_requests"] >= 3 * rerun["topics"]
     assert rerun["second_requests"] == 0 and rerun["cached_topics"] == rerun["topics"]

@@ -217,3 +217,15 @@ def test_the_pipeline_never_exceeds_its_concurrency_cap(tmp_path, monkeypatch):
     finally:
         pipeline.configure(max_concurrency=pipeline.Settings.max_concurrency, offline_latency=0.0)
     assert all(report.ok for report in batch.reports)
+
+
+def test_a_records_schema_is_built_once_but_every_caller_gets_its_own_copy():
+    from flyte.types._type_engine import CustomPydanticJsonSchemaGenerator
+    from pydantic import BaseModel
+
+    for generator in ({}, {"schema_generator": CustomPydanticJsonSchemaGenerator}):
+        fresh = BaseModel.model_json_schema.__func__(pipeline.RefineResult, **generator)
+        first = pipeline.RefineResult.model_json_schema(**generator)
+        assert first == fresh
+        first["properties"].clear()  # a caller that edits its copy must not change the next one
+        assert pipeline.RefineResult.model_json_schema(**generator) == fresh
