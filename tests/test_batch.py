@@ -247,10 +247,11 @@ def test_end_to_end_against_the_loopback_server_configured_only_by_environment(t
     assert summary["topics"][0]["usage"]["requests"] >= 4
 
 
-def test_deploy_dry_run_serializes_both_environments():
+def test_deploy_dry_run_serializes_both_environments(tmp_path):
     script = ROOT / "tests" / "deploy_dry_run.py"
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          env=subprocess_env(REPORT_BACKEND="openai", OPENAI_API_KEY="sk-dry-run"), cwd=ROOT)
+    # TMPDIR: Flyte packs the code bundle into a temp folder it never removes.
+    env = subprocess_env(REPORT_BACKEND="openai", OPENAI_API_KEY="sk-dry-run", TMPDIR=str(tmp_path))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {
