@@ -23,11 +23,12 @@ import pipeline
 _FRAGMENT = r"# \{{\{{docs-fragment {name}\}}\}}\n(.*?)# \{{\{{/docs-fragment {name}\}}\}}"
 
 
-def fragment(name: str, module: Path = Path(pipeline.__file__)) -> str:
-    """The exact source between ``# {{docs-fragment name}}`` markers."""
-    match = re.search(_FRAGMENT.format(name=re.escape(name)), module.read_text(encoding="utf-8"), flags=re.DOTALL)
+def fragment(name: str) -> str:
+    """The exact source between ``# {{docs-fragment name}}`` markers in pipeline.py."""
+    source = Path(pipeline.__file__).read_text(encoding="utf-8")
+    match = re.search(_FRAGMENT.format(name=re.escape(name)), source, flags=re.DOTALL)
     if match is None:
-        raise KeyError(f"no docs-fragment named {name!r} in {module.name}")
+        raise KeyError(f"no docs-fragment named {name!r} in pipeline.py")
     return match.group(1).strip("\n")
 
 
@@ -185,8 +186,8 @@ class ReportExplorer:
         self._runs = 0
         self.events: list[dict[str, Any]] = []
         self.progress_rows: dict[str, dict[str, Any]] = {}
-        self.results: dict[str, tuple[pipeline.TopicReport, Path]] = {}  # topic -> latest outcome, its run folder
-        self.rows: dict[str, dict[str, Any]] = {}  # topic -> its latest row of BatchResult.rows()
+        # topic -> its latest outcome, the run folder holding it, and its row of BatchResult.rows()
+        self.results: dict[str, tuple[pipeline.TopicReport, Path, dict[str, Any]]] = {}
 
         self.topics_box = widgets.Textarea(value="\n".join(topics), placeholder="One topic per line",
                                            description="Topics", layout=widgets.Layout(width="32rem", height="7rem"))
@@ -250,8 +251,7 @@ class ReportExplorer:
                 run_id=self.run_id if self._runs == 1 else f"{self.run_id}-{self._runs}", on_event=self._on_event,
             )
             for report, row in zip(batch.reports, batch.rows()):
-                self.results[report.topic] = (report, batch.run_dir)
-                self.rows[report.topic] = row
+                self.results[report.topic] = (report, batch.run_dir, row)
                 self.progress_rows[report.topic].update(
                     step="done" if report.ok else "failed", error=report.error or "",
                     score=report.result.final_score if report.result else "")
@@ -293,7 +293,7 @@ class ReportExplorer:
         )._repr_html_()
 
     def _refresh_results(self, select: str | None = None) -> None:
-        self.results_table.value = rows_table(self.rows.values())._repr_html_()
+        self.results_table.value = rows_table(row for _, _, row in self.results.values())._repr_html_()
         self.choice.options = list(self.results)
         if select is not None:
             self.choice.value = select
@@ -302,7 +302,7 @@ class ReportExplorer:
     def _show(self, topic: str | None) -> None:
         if not topic or topic not in self.results:
             return
-        report, run_dir = self.results[topic]
+        report, run_dir, _ = self.results[topic]
         folder = run_dir / report.slug
         if not report.ok or report.result is None:
             failure = f'<p style="color:#cf222e">This topic failed: {html.escape(report.error or "")}</p>'

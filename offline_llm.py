@@ -524,10 +524,8 @@ class OfflineTransport(httpx2.AsyncBaseTransport):
 
     def __init__(self, latency: float = 0.0, per_token_latency: float = 0.0) -> None:
         self.latency, self.per_token_latency = latency, per_token_latency
-        self.requests = 0
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        self.requests += 1
         raw = await request.aread()
         status, payload = route(request.method, request.url.path, raw)
         delay = simulated_latency(payload, self.latency, self.per_token_latency) if status == 200 else 0.0

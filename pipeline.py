@@ -250,23 +250,13 @@ class Usage(Record):
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def __add__(self, other: Self) -> Self:
+    def __add__(self, other: "Usage") -> "Usage":
         return Usage(
             requests=self.requests + other.requests,
             cache_hits=self.cache_hits + other.cache_hits,
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
         )
-
-
-class UsageMeter:
-    """Adds up the usage of every model call made while it is active (see ``metering``)."""
-
-    def __init__(self) -> None:
-        self.total = Usage()
-
-    def add(self, usage: Usage) -> None:
-        self.total += usage
 
 
 # {{/docs-fragment prompts}}
@@ -279,9 +269,21 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncOpenAI] = we
 _limit = InflightLimit(settings.max_concurrency)
 _reply_cache: ResponseCache | None = None
 requests_sent = Tally()  # chat completions this process asked a model for
+
+
 # Usage travels beside the replies, not inside them: traced functions return plain text,
 # which is what Flyte records cheapest, and each task reads its own meter at the end. (On a
 # cluster, a call replayed from its checkpoint costs nothing now, so it is not counted.)
+class UsageMeter:
+    """Adds up the usage of every model call made while it is active (see ``metering``)."""
+
+    def __init__(self) -> None:
+        self.total = Usage()
+
+    def add(self, usage: Usage) -> None:
+        self.total += usage
+
+
 _meter: contextvars.ContextVar[UsageMeter | None] = contextvars.ContextVar("usage_meter", default=None)
 
 

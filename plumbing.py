@@ -104,9 +104,9 @@ class Tally:
         self._lock = threading.Lock()
         self._value = 0
 
-    def add(self, amount: int = 1) -> None:
+    def add(self) -> None:
         with self._lock:
-            self._value += amount
+            self._value += 1
 
     @property
     def value(self) -> int:
@@ -119,9 +119,9 @@ class Tally:
 class Record(BaseModel):
     """A pydantic model whose JSON schema is built once per class and arguments.
 
-    Flyte converts every traced call's output to a literal and asks the output's
-    class for its JSON schema each time; pydantic rebuilds it on every request,
-    which was the largest single cost of a traced call (see benchmarks/).
+    Flyte asks the classes of a task's or traced call's inputs and outputs for
+    their JSON schema on every call; pydantic rebuilds it on every request, which
+    was the largest single cost of a traced call (see benchmarks/).
     """
 
     @classmethod
