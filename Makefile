@@ -1,13 +1,15 @@
-# Two commands from a fresh clone (only Python 3.11+ needed):
-#   make report   generate reports for the default topics with the offline model
-#   make test     run the whole test suite
+# From a fresh clone (Python 3.11+ and make):
+#   make report      generate reports for the default topics with the offline model (Python only)
+#   make test-fast   the unit tests, under a minute: no subprocess, kernel, browser or benchmark
+#   make test        the whole suite; installs Chromium, Java and fonts with apt if missing
+#   make lint        ruff
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TOPICS ?= "Quantum computing" "Why cats purr" "Remote work and small businesses"
 
-.PHONY: install report test bench notebooks lab clean
+.PHONY: install report test test-fast lint system-deps bench notebooks lab clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed; run: make PYTHON=python3.12 ...")'
@@ -21,8 +23,18 @@ install: $(STAMP)
 report: install
 	$(PY) pipeline.py $(TOPICS) --max-iterations 4
 
-test: install
+test: install system-deps
 	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+# The browser tests need Chromium and fonts, the HTML checker Java: tools/system_deps.sh gets them.
+system-deps:
+	@bash tools/system_deps.sh
 
 # Writes benchmarks/results.{json,md,png} and prints the table (a few minutes on 2 cores).
 bench: install

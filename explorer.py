@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pipeline
+from machinery.inputs import coerce_topics
+from machinery.model_client import BackendUnavailable
+from machinery.run_output import REPORT_FILES
+from machinery.settings import PROJECT_ROOT
 
 # --------------------------------------------------------------------------- source slices
 
@@ -132,7 +136,7 @@ def preview(page: str, height: int = 420, label: str = "HTML preview") -> SafeHT
 def shown_path(path: Path) -> str:
     """A path relative to the project when it is inside it: no machine-specific prefixes in outputs."""
     try:
-        return Path(path).resolve().relative_to(pipeline.PROJECT_ROOT).as_posix()
+        return Path(path).resolve().relative_to(PROJECT_ROOT).as_posix()
     except ValueError:
         return str(path)
 
@@ -193,7 +197,7 @@ class ReportExplorer:
                                            description="Topics", layout=widgets.Layout(width="32rem", height="7rem"))
         self.iterations = widgets.IntSlider(value=max_iterations, min=1, max=10, description="Max rounds")
         self.threshold = widgets.IntSlider(value=quality_threshold, min=1, max=10, description="Threshold")
-        self.backend = widgets.HTML(f"<small>Using the {html.escape(pipeline.settings.describe())}</small>")
+        self.backend = widgets.HTML(f"<small>Using the {html.escape(pipeline.runtime.settings.describe())}</small>")
         self.run_button = widgets.Button(description="Run", button_style="primary", icon="play",
                                          tooltip="Generate reports for these topics")
         self.message = widgets.HTML()
@@ -230,26 +234,23 @@ class ReportExplorer:
 
     def run(self, topics: Any, max_iterations: int | None = None,
             quality_threshold: int | None = None) -> pipeline.BatchResult:
-        """Validate, run the batch with live progress, show the results; raise ValueError on bad input."""
+        """Run the batch with live progress and show the results; raise ValueError on bad input.
+
+        ``run_batch`` validates the input and checks the backend, once; its error is shown here.
+        """
         max_iterations = self.iterations.value if max_iterations is None else max_iterations
         quality_threshold = self.threshold.value if quality_threshold is None else quality_threshold
         self.message.value = ""
-        try:
-            topics = pipeline.validate_batch(pipeline.coerce_topics(topics), max_iterations, quality_threshold)
-            pipeline.check_backend()
-        except (ValueError, pipeline.BackendUnavailable) as error:
-            self.message.value = f'<span style="color:#cf222e">{html.escape(str(error))}</span>'
-            raise
-        self._runs += 1
-        self.progress_rows = {topic: {"step": "waiting", "iteration": "", "score": "", "error": ""} for topic in topics}
+        self.progress_rows = {}  # filled by the progress events, topic by topic
         self._refresh_progress()
         self.run_button.disabled = True
         try:
             batch = pipeline.run_batch(
-                topics, max_iterations=max_iterations, quality_threshold=quality_threshold,
+                coerce_topics(topics), max_iterations=max_iterations, quality_threshold=quality_threshold,
                 report_date=self.report_date, output_dir=self.output_dir,
-                run_id=self.run_id if self._runs == 1 else f"{self.run_id}-{self._runs}", on_event=self._on_event,
+                run_id=self.run_id if self._runs == 0 else f"{self.run_id}-{self._runs + 1}", on_event=self._on_event,
             )
+            self._runs += 1
             for report, row in zip(batch.reports, batch.rows()):
                 self.results[report.topic] = (report, batch.run_dir, row)
                 self.progress_rows[report.topic].update(
@@ -261,6 +262,9 @@ class ReportExplorer:
             self.message.value = html.escape(
                 f"Finished: {succeeded} of {len(batch.reports)} topics succeeded; "
                 f"reports in {shown_path(batch.run_dir)}")
+        except (ValueError, BackendUnavailable) as error:
+            self.message.value = f'<span style="color:#cf222e">{html.escape(str(error))}</span>'
+            raise
         finally:
             self.run_button.disabled = False  # last, so an enabled button means everything is shown
         return batch
@@ -268,7 +272,7 @@ class ReportExplorer:
     def _clicked(self, _button: Any) -> None:
         try:
             self.run(self.topics_box.value, self.iterations.value, self.threshold.value)
-        except (ValueError, pipeline.BackendUnavailable):
+        except (ValueError, BackendUnavailable):
             pass  # already shown in the message line, where a person is looking
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -315,7 +319,7 @@ class ReportExplorer:
             self.preview_view.value = preview((folder / "report.html").read_text(encoding="utf-8")).markup
             self.files_view.value = "<ul>" + "".join(
                 f'<li><a href="{html.escape(_link(folder / name))}" target="_blank">{html.escape(name)}</a></li>'
-                for name in pipeline.REPORT_FILES
+                for name in REPORT_FILES
             ) + f'<li><a href="{html.escape(_link(run_dir / "index.html"))}" target="_blank">index.html</a></li></ul>'
         self.history_view.value = _history_html(report)
 

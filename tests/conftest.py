@@ -27,7 +27,7 @@ for variable in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "REPORT_MODEL", "REPORT_MA
     os.environ.pop(variable, None)
 os.environ["REPORT_BACKEND"] = "offline"
 os.environ["REPORTS_DIR"] = str(SCRATCH / "reports")
-os.environ["REPORT_LLM_CACHE"] = str(SCRATCH / "llm-cache" / "replies.sqlite3")
+os.environ["REPORT_REPLY_CACHE"] = str(SCRATCH / "reply-cache" / "replies.sqlite3")
 os.environ["DO_NOT_TRACK"] = "1"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -44,10 +44,12 @@ def run_in_scratch_folder():
 
 @pytest.fixture(autouse=True)
 def fresh_reply_cache(tmp_path_factory):
-    """Every test starts with an empty reply cache, so request counts never depend on test order."""
-    import pipeline
+    """Every test starts with an empty reply cache (request counts never depend on test order),
+    and whatever settings it changes are restored after it."""
+    from machinery.runtime import runtime
 
-    pipeline.configure(llm_cache=tmp_path_factory.mktemp("llm-cache") / "replies.sqlite3")
+    with runtime.configured(reply_cache=tmp_path_factory.mktemp("reply-cache") / "replies.sqlite3"):
+        yield
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -58,5 +60,5 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
     """The environment for a child process: offline, no keys, the project importable, an empty reply cache."""
     from scratch_project import scratch_environment
 
-    fresh_cache = Path(tempfile.mkdtemp(prefix="llm-cache-", dir=SCRATCH)) / "replies.sqlite3"
-    return scratch_environment(ROOT, **{"REPORT_LLM_CACHE": str(fresh_cache), **overrides})
+    fresh_cache = Path(tempfile.mkdtemp(prefix="reply-cache-", dir=SCRATCH)) / "replies.sqlite3"
+    return scratch_environment(ROOT, **{"REPORT_REPLY_CACHE": str(fresh_cache), **overrides})

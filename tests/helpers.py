@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 import httpx2
 
-import offline_llm
+from machinery import offline_llm
 
 # (role, topic, reply content) -> new reply content, or None to keep it
 Rewrite = Callable[[str, str, str], str | None]
@@ -40,16 +39,3 @@ class ScriptedTransport(offline_llm.OfflineTransport):
 
     def count(self, role: str | None = None, topic: str | None = None) -> int:
         return sum(1 for r, t in self.log if (role is None or r == role) and (topic is None or t == topic))
-
-
-def install_transport(monkeypatch: Any, transport: offline_llm.OfflineTransport) -> None:
-    """Route every client the pipeline makes from now on through ``transport``."""
-    import pipeline
-
-    def make_client(config: pipeline.Settings) -> Any:
-        return offline_llm.openai_client(transport, max_retries=config.client_retries, timeout=config.request_timeout)
-
-    monkeypatch.setattr(pipeline, "make_client", make_client)
-    # A fresh client cache now, and the original (emptied) one back after the test.
-    pipeline._clients.clear()
-    monkeypatch.setattr(pipeline, "_clients", weakref.WeakKeyDictionary())

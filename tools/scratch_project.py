@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("pipeline.py", "offline_llm.py", "plumbing.py", "llm_cache.py", "explorer.py")
+MODULES = ("pipeline.py", "explorer.py")
 
 
 def make_scratch_project(destination: Path) -> Path:
@@ -22,6 +22,8 @@ def make_scratch_project(destination: Path) -> Path:
     destination.mkdir(parents=True, exist_ok=True)
     for module in MODULES:
         shutil.copy2(ROOT / module, destination / module)
+    shutil.copytree(ROOT / "machinery", destination / "machinery", ignore=shutil.ignore_patterns("__pycache__"),
+                    dirs_exist_ok=True)
     (destination / ".flyte").mkdir(exist_ok=True)
     shutil.copy2(ROOT / ".flyte" / "config.yaml", destination / ".flyte" / "config.yaml")
     shutil.copytree(ROOT / "notebooks", destination / "notebooks",

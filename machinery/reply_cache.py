@@ -1,4 +1,4 @@
-"""A durable, content-addressed cache of model replies, in one SQLite file.
+"""The reply cache: a durable, content-addressed store of model replies, in one SQLite file.
 
 Flyte checkpoints traced calls on a cluster, so a retried task does not pay
 for completed model calls again. Flyte's local mode does not: a retry, or a
@@ -49,7 +49,7 @@ class CachedReply:
     completion_tokens: int
 
 
-class ResponseCache:
+class ReplyCache:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

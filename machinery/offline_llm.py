@@ -7,7 +7,7 @@ replaced, in one of two ways:
 
 * ``OfflineTransport``: an ``httpx2`` transport handed to ``AsyncOpenAI``; no
   sockets, no threads (the default offline backend and most tests).
-* ``python -m offline_llm --port 8765``: the same model as a small loopback
+* ``python -m machinery.offline_llm --port 8765``: the same model as a small loopback
   HTTP server, so ``OPENAI_BASE_URL=http://127.0.0.1:8765/v1`` works like any
   OpenAI-compatible server (Ollama, vLLM, llama.cpp).
 

@@ -1,0 +1,19 @@
+"""What ``pipeline.py`` uses but does not teach. No module here imports ``pipeline``.
+
+Layers, each importing only the ones above it in this list:
+
+* ``settings``      environment variables -> ``Settings`` (checked, with clear errors)
+* ``offline_llm``   the deterministic offline model: in-process transport and loopback server
+* ``records``       ``Record`` (pydantic, schema built once) and prompt text made from fields
+* ``concurrency``   ``InflightLimit`` (a cap across event loops) and ``Tally``
+* ``reply_cache``   the reply cache: identical model requests answered from SQLite
+* ``runtime``       ``runtime``: the one owner of the process's state (settings, cap, clients,
+                    reply cache, progress listeners), with ``configured`` and ``use_transport``
+* ``model_client``  ``complete``: one chat completion, capped, cached, metered, redacted;
+                    ``check_backend`` before a batch
+* ``cache_policy``  Flyte cache keys that cover the whole pipeline module and the model
+* ``inputs``        ``validate_batch`` and ``coerce_topics``
+* ``files``         slugs, atomic writes and folder replacement
+* ``html_page``     the HTML5 document and Content-Security-Policy around every page
+* ``run_output``    ``save_run``: ``<reports>/<run-id>/`` with ``index.html`` and ``summary.json``
+"""

@@ -1,0 +1,45 @@
+"""A Flyte cache key that cannot go stale.
+
+Flyte's default policy hashes only the task function's own source, so editing
+a prompt, a traced step, a formatter or the model name would silently return
+old reports from the cache. ``CodeAndModelPolicy`` hashes the whole module that
+defines the task (any edit to ``pipeline.py`` is a new key) and the settings
+that pick the model: backend, model, server and the offline model's version.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+from typing import Any
+
+from machinery import offline_llm
+from machinery.runtime import runtime
+
+
+class CodeAndModelPolicy:
+    """A ``flyte.Cache`` policy: ``flyte.Cache("auto", policies=[CodeAndModelPolicy()])``."""
+
+    def get_version(self, salt: str, params: Any) -> str:
+        return hashlib.sha256(f"{salt}:{code_and_model(inspect.getsourcefile(params.func))}".encode()).hexdigest()
+
+
+def code_and_model(source_file: str | None) -> str:
+    """A digest of ``source_file`` and of the model in force: what a cached result depends on."""
+    settings = runtime.settings
+    return _digest(source_file, settings.backend, settings.model_name, settings.base_url or "")
+
+
+@functools.cache  # asked for on every cache lookup; files and settings are few
+def _digest(source_file: str | None, backend: str, model: str, base_url: str) -> str:
+    source = _read(source_file)
+    parts = [source, backend, model, base_url, offline_llm.MODEL_VERSION]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def _read(source_file: str | None) -> str:
+    if source_file is None:  # defined in a notebook cell: no file to hash
+        return ""
+    with open(source_file, encoding="utf-8") as handle:
+        return handle.read()

@@ -1,0 +1,95 @@
+"""Concurrency helpers for the model client layer.
+
+* ``InflightLimit``: a cap on concurrent work that holds across event loops.
+* ``Tally``: a thread-safe counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+
+
+class InflightLimit:
+    """At most ``limit`` holders at once, process-wide.
+
+    ``asyncio.Semaphore`` belongs to one event loop, but a notebook awaits on
+    the kernel's loop while Flyte runs tasks on a loop of its own: this limit
+    is shared by every loop (and thread) in the process. Waiters are served
+    first come, first served.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._waiters: collections.deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = (
+            collections.deque()
+        )
+        self.peak = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._holders
+
+    async def __aenter__(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._holders < self.limit and not self._waiters:
+                self._take()
+                return
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((loop, waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            with self._lock:
+                if (loop, waiter) in self._waiters:
+                    self._waiters.remove((loop, waiter))
+                    raise
+            # The slot was handed over just as we were cancelled: give it back.
+            self._release()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    def _take(self) -> None:
+        self._holders += 1
+        self.peak = max(self.peak, self._holders)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            while self._waiters:
+                loop, waiter = self._waiters.popleft()
+                if loop.is_closed():
+                    continue
+                self._take()
+                loop.call_soon_threadsafe(self._grant, waiter)
+                return
+
+    def _grant(self, waiter: asyncio.Future[None]) -> None:
+        if waiter.cancelled():
+            self._release()
+        else:
+            waiter.set_result(None)
+
+
+class Tally:
+    """A thread-safe running count."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self._value += 1
+
+    @property
+    def value(self) -> int:
+        return self._value

@@ -1,0 +1,135 @@
+"""Durable run output: ``<reports>/<run-id>/`` with a folder per topic, ``index.html`` and ``summary.json``.
+
+``save_run`` builds the run folder beside its final name and moves it into
+place at the end, so a crash leaves either the previous folder or the complete
+new one. ``summary.json`` is deterministic for the same inputs: no clock, no
+absolute paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from machinery.files import atomic_write_text, replace_dir, slugify, staging_dir_for
+from machinery.html_page import html_page
+from machinery.model_client import Usage
+
+REPORT_FILES = ("report.md", "report.html", "summary.txt")
+
+
+@dataclasses.dataclass
+class BatchResult:
+    """What a run produced, as data: widgets, tests and papermill all read this."""
+
+    run_id: str
+    run_dir: Path
+    report_date: str
+    model: str
+    reports: list[Any]  # pipeline.TopicReport, one per topic, in the order given
+    llm_usage: Usage  # spent by this run; a cache hit costs nothing
+    cached_topics: list[str]
+    flyte_run_name: str = ""  # where Flyte's local run history keeps this run
+
+    @property
+    def index_path(self) -> Path:
+        return self.run_dir / "index.html"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.run_dir / "summary.json"
+
+    def folder(self, topic: str) -> Path:
+        return self.run_dir / slugify(topic)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One plain dict per topic: topic, iterations, final score, tokens, error."""
+        return [_summary_row(report, report.topic in self.cached_topics) for report in self.reports]
+
+
+def _summary_row(report: Any, cached: bool) -> dict[str, Any]:
+    result = report.result
+    usage = (result.usage if result else Usage()) + (report.files.usage if report.files else Usage())
+    return {
+        "topic": report.topic,
+        "slug": report.slug,
+        "status": "ok" if report.ok else "error",
+        "iterations": result.iterations if result else 0,
+        "final_score": result.final_score if result else None,
+        "score_history": [r.score for r in result.history] if result else [],
+        "improvements_history": [r.improvements for r in result.history] if result else [],
+        "cached": cached,
+        "usage": usage.model_dump() | {"total_tokens": usage.total_tokens},
+        "files": {name: f"{report.slug}/{name}" for name in REPORT_FILES} if report.files else {},
+        "error": report.error,
+    }
+
+
+def format_index_html(batch: BatchResult) -> str:
+    rows = []
+    for row in batch.rows():
+        topic = f"<bdi>{html.escape(row['topic'])}</bdi>"
+        link = f'<a href="{html.escape(row["slug"])}/report.html">{topic}</a>' if row["files"] else topic
+        score = "" if row["final_score"] is None else f"{row['final_score']}/10"
+        error = html.escape(row["error"] or "")
+        rows.append(
+            f"<tr><td>{link}</td><td>{score}</td><td>{row['iterations']}</td>"
+            f"<td>{row['usage']['total_tokens']}</td><td>{error}</td></tr>"
+        )
+    ok = sum(1 for report in batch.reports if report.ok)
+    body = (
+        f"<header>\n<h1>Reports: run {html.escape(batch.run_id)}</h1>\n"
+        f"<p>{html.escape(batch.report_date)} · {html.escape(batch.model)} · "
+        f"{ok} of {len(batch.reports)} topics succeeded</p>\n</header>\n<main>\n<table>\n"
+        "<thead><tr><th>Topic</th><th>Score</th><th>Rounds</th><th>Tokens</th><th>Error</th></tr></thead>\n"
+        f"<tbody>\n{chr(10).join(rows)}\n</tbody>\n</table>\n</main>\n"
+    )
+    return html_page(f"Reports: run {batch.run_id}", body)
+
+
+def summary_document(batch: BatchResult) -> dict[str, Any]:
+    """summary.json: deterministic for the same inputs (no clock, no absolute paths)."""
+    return {
+        "run_id": batch.run_id,
+        "report_date": batch.report_date,
+        "model": batch.model,
+        "topics": batch.rows(),
+        "totals": {
+            "topics": len(batch.reports),
+            "succeeded": sum(1 for r in batch.reports if r.ok),
+            "failed": sum(1 for r in batch.reports if not r.ok),
+            "cached": len(batch.cached_topics),
+            "llm_usage": batch.llm_usage.model_dump() | {"total_tokens": batch.llm_usage.total_tokens},
+        },
+    }
+
+
+def missing_files(reports: Sequence[Any]) -> list[str]:
+    """Topics whose files folder is gone: a cache hit can name a folder deleted since it was written."""
+    return [r.topic for r in reports if r.files is not None and not Path(r.files.folder.path).is_dir()]
+
+
+def save_run(batch: BatchResult) -> BatchResult:
+    """Copy every report into ``<run_dir>/<slug>/`` with an index, atomically."""
+    staging = staging_dir_for(batch.run_dir)
+    try:
+        for report in batch.reports:
+            if report.files is None:
+                continue
+            # A copy here; a download on a cluster. With no destination, Flyte 2.12 would leave an
+            # empty temporary folder behind per call.
+            report.files.folder.download_sync(staging / report.slug)
+        atomic_write_text(staging / "index.html", format_index_html(batch))
+        atomic_write_text(
+            staging / "summary.json", json.dumps(summary_document(batch), indent=2, ensure_ascii=False) + "\n"
+        )
+        replace_dir(staging, batch.run_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return batch

@@ -1,0 +1,182 @@
+"""The one owner of a process's runtime state: ``runtime``.
+
+It holds the settings in force and everything made from them: the cap on
+requests in flight, one model client per event loop, the reply cache, the
+count of requests sent and the progress listeners. Nothing else in the project
+keeps state at module level.
+
+* ``runtime.configure(**changes)`` changes settings from now on (a notebook cell,
+  the CLI's ``--no-cache``).
+* ``with runtime.configured(**changes):`` changes them for a block and restores
+  them after it, whatever happens inside (tests, the benchmark, timing demos).
+* ``with runtime.use_transport(transport):`` routes every model client made in
+  the block through an ``httpx2`` transport: the seam tests and the benchmark
+  use to put a scripted or logging model behind the real ``openai`` client.
+* ``runtime.task_env_vars`` and ``runtime.openai_secrets(...)`` are the live
+  values the task environments are declared with: they follow ``configure``,
+  so a run or deploy ships the settings in force when it is made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flyte
+import httpx2
+from openai import AsyncOpenAI
+
+from machinery import offline_llm
+from machinery.concurrency import InflightLimit, Tally
+from machinery.reply_cache import ReplyCache
+from machinery.settings import Settings
+
+logger = logging.getLogger("pipeline")
+
+ProgressListener = Callable[[dict[str, Any]], None]
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.requests_sent = Tally()  # chat completions this process asked a model for
+        self.task_env_vars: dict[str, str] = {}  # given to the task environments; kept in sync
+        self._secret_lists: list[tuple[list[flyte.Secret], tuple[flyte.Secret, ...]]] = []
+        self._listeners: list[ProgressListener] = []
+        self._transport: httpx2.AsyncBaseTransport | None = None
+        self._announced = False
+        self._flyte_run_history: bool | None = None  # what Flyte was initialised with; None: not yet
+        self._reply_cache: ReplyCache | None = None
+        self._apply(settings)
+
+    # ------------------------------------------------------------------ settings
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def configure(self, **changes: Any) -> Settings:
+        """Change settings from now on, e.g. ``runtime.configure(offline_latency=0.2)``."""
+        self._apply(dataclasses.replace(self._settings, **changes))
+        return self._settings
+
+    @contextlib.contextmanager
+    def configured(self, **changes: Any) -> Iterator[Settings]:
+        """Change settings for the ``with`` block only."""
+        before = self._settings
+        try:
+            yield self.configure(**changes)
+        finally:
+            self._apply(before)
+
+    def _apply(self, settings: Settings) -> None:
+        self._settings = settings
+        self.limit = InflightLimit(settings.max_concurrency)
+        # New settings, new clients (made on first use in each event loop).
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncOpenAI] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.task_env_vars.clear()
+        self.task_env_vars.update(settings.task_env_vars())
+        for live, secrets in self._secret_lists:
+            live[:] = secrets if settings.backend == "openai" else []
+
+    def openai_secrets(self, *secrets: flyte.Secret) -> list[flyte.Secret]:
+        """A list holding ``secrets`` while the ``openai`` backend is selected, and empty otherwise."""
+        live: list[flyte.Secret] = []
+        self._secret_lists.append((live, secrets))
+        live[:] = secrets if self._settings.backend == "openai" else []
+        return live
+
+    # ------------------------------------------------------------------ the model client layer
+
+    def client(self) -> AsyncOpenAI:
+        """The client for the running event loop.
+
+        A notebook awaits on the kernel's loop while Flyte runs tasks on a loop of its
+        own, and an AsyncOpenAI client (its connection pool) must never be shared
+        between two loops.
+        """
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = self._make_client()
+        return client
+
+    def _make_client(self) -> AsyncOpenAI:
+        settings = self._settings
+        common: dict[str, Any] = {"timeout": settings.request_timeout, "max_retries": settings.client_retries}
+        if self._transport is not None:
+            return offline_llm.openai_client(self._transport, **common)
+        if settings.backend == "offline":
+            transport = offline_llm.OfflineTransport(settings.offline_latency, settings.offline_latency_per_token)
+            return offline_llm.openai_client(transport, **common)
+        # The client reads OPENAI_API_KEY itself; base_url None means api.openai.com.
+        return AsyncOpenAI(base_url=settings.base_url, **common)
+
+    @contextlib.contextmanager
+    def use_transport(self, transport: httpx2.AsyncBaseTransport) -> Iterator[None]:
+        """Answer every model request made in the block with ``transport`` (a test double, a logger)."""
+        before = self._transport
+        self._transport = transport
+        self._clients = weakref.WeakKeyDictionary()
+        try:
+            yield
+        finally:
+            self._transport = before
+            self._clients = weakref.WeakKeyDictionary()
+
+    def reply_cache(self) -> ReplyCache | None:
+        """The reply cache at ``settings.reply_cache`` (opened once per path), or None when it is off."""
+        path = self._settings.reply_cache
+        if path is None:
+            return None
+        if self._reply_cache is None or self._reply_cache.path != path:
+            self._reply_cache = ReplyCache(path)
+        return self._reply_cache
+
+    # ------------------------------------------------------------------ progress events
+
+    @contextlib.contextmanager
+    def listening(self, listener: ProgressListener | None) -> Iterator[None]:
+        """Send the progress events of the block to ``listener`` (a widget, a test, a log)."""
+        if listener is None:
+            yield
+            return
+        self._listeners.append(listener)
+        try:
+            yield
+        finally:
+            self._listeners.remove(listener)
+
+    def emit(self, topic: str, step: str, **details: Any) -> None:
+        """Tell listeners where a topic is. Never prints."""
+        event = {"topic": topic, "step": step, **details}
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken view must never break the pipeline
+                logger.exception("progress listener failed on %s", event)
+
+    # ------------------------------------------------------------------ Flyte and the console
+
+    def init_flyte(self) -> None:
+        """Local mode. Flyte finds the project's .flyte/config.yaml, so its task cache (and the run
+        history, when ``settings.run_history`` is on) live in .flyte/local-cache/."""
+        if self._flyte_run_history != self._settings.run_history:
+            flyte.init(local_persistence=self._settings.run_history)
+            logging.getLogger("flyte").setLevel(logging.CRITICAL)  # failures are reported per topic instead
+            self._flyte_run_history = self._settings.run_history
+
+    def announce_backend(self) -> None:
+        """Say once per process which model writes the reports (never the key)."""
+        if not self._announced:
+            print(f"Reports are written by the {self._settings.describe()}.", flush=True)
+            self._announced = True
+
+
+runtime = Runtime(Settings.from_env())

@@ -1,0 +1,138 @@
+"""Settings: where the model lives and how hard we may call it, read from environment variables.
+
+``Settings.from_env()`` parses and checks them once; a bad value is a ``ValueError`` that names the
+variable and what it accepts. The live settings of a process belong to ``machinery.runtime``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Self
+
+from machinery import offline_llm
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ("offline", "openai")
+OPENAI_URL = "https://api.openai.com/v1"
+OFF = ("off", "0", "false", "no", "none")
+ON = ("on", "1", "true", "yes")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    backend: str = "offline"  # "offline" or "openai" (any OpenAI-compatible server)
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None  # None: the client's default, OPENAI_URL
+    max_concurrency: int = 8  # in-flight LLM requests, process-wide
+    reports_dir: Path = PROJECT_ROOT / "reports"
+    request_timeout: float = 120.0  # seconds per HTTP request; CPU-hosted models are slow
+    client_retries: int = 3  # the openai client's own retries: 408, 409, 429, 5xx, timeouts
+    offline_latency: float = 0.0  # seconds the offline model waits per reply, to mimic a real API
+    offline_latency_per_token: float = 0.0  # and per generated token (e.g. 0.01 for ~100 tokens/s)
+    reply_cache: Path | None = PROJECT_ROOT / ".reply-cache" / "replies.sqlite3"  # None: every call asks the model
+    run_history: bool = False  # Flyte's local run history (for `flyte start tui`); costs ~3 ms per traced call
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        env = dict(os.environ if environ is None else environ)
+        if "REPORT_LLM_CACHE" in env:
+            raise ValueError("REPORT_LLM_CACHE was renamed: set REPORT_REPLY_CACHE instead (a path, or 'off')")
+        has_openai = bool(env.get("OPENAI_API_KEY") or env.get("OPENAI_BASE_URL"))
+        backend = (env.get("REPORT_BACKEND") or ("openai" if has_openai else "offline")).strip().lower()
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"REPORT_BACKEND={backend!r} is not a known backend: use 'offline' (built-in model, no network) "
+                "or 'openai' (OpenAI or any OpenAI-compatible server such as Ollama, vLLM or llama.cpp)."
+            )
+        reports_dir = Path(env["REPORTS_DIR"]).expanduser().resolve() if env.get("REPORTS_DIR") else cls.reports_dir
+        cache_setting = (env.get("REPORT_REPLY_CACHE") or "").strip()
+        if cache_setting.lower() in OFF:
+            reply_cache = None
+        else:
+            reply_cache = Path(cache_setting).expanduser().resolve() if cache_setting else cls.reply_cache
+        return cls(
+            backend=backend,
+            model=env.get("REPORT_MODEL") or cls.model,
+            base_url=env.get("OPENAI_BASE_URL") or None,
+            max_concurrency=_whole_number(env, "REPORT_MAX_CONCURRENCY", cls.max_concurrency),
+            reports_dir=reports_dir,
+            request_timeout=_seconds(env, "REPORT_REQUEST_TIMEOUT", cls.request_timeout),
+            client_retries=_whole_number(env, "REPORT_CLIENT_RETRIES", cls.client_retries, minimum=0),
+            offline_latency=_seconds(env, "REPORT_OFFLINE_LATENCY", cls.offline_latency, minimum=0.0),
+            offline_latency_per_token=_seconds(
+                env, "REPORT_OFFLINE_LATENCY_PER_TOKEN", cls.offline_latency_per_token, minimum=0.0),
+            reply_cache=reply_cache,
+            run_history=_switch(env, "REPORT_RUN_HISTORY", cls.run_history),
+        )
+
+    @property
+    def endpoint(self) -> str:
+        """Which server answers: part of every cached reply's key."""
+        return "offline" if self.backend == "offline" else self.base_url or OPENAI_URL
+
+    @property
+    def model_name(self) -> str:
+        """The model that writes the reports, as recorded in every report."""
+        return offline_llm.MODEL_VERSION if self.backend == "offline" else self.model
+
+    def describe(self) -> str:
+        """One line for people; never contains the API key."""
+        if self.backend == "offline":
+            return f"offline model {self.model_name} (built in, deterministic, no network)"
+        return f"model {self.model} at {self.endpoint} (OpenAI-compatible)"
+
+    def check_ready(self) -> None:
+        """Fail before any work if the chosen backend cannot work."""
+        if self.backend == "openai" and not os.environ.get("OPENAI_API_KEY"):
+            raise ValueError(
+                "REPORT_BACKEND=openai needs OPENAI_API_KEY. Export your key, or any non-empty value "
+                "(for example OPENAI_API_KEY=local) for servers that do not check it, such as Ollama."
+            )
+
+    def task_env_vars(self) -> dict[str, str]:
+        """The settings a remote task container needs to behave like this process."""
+        # On a cluster, Flyte checkpoints traced calls; the local reply cache is not needed there.
+        env = {"REPORT_BACKEND": self.backend, "REPORT_MODEL": self.model, "REPORT_REPLY_CACHE": "off"}
+        if self.base_url:
+            env["OPENAI_BASE_URL"] = self.base_url
+        return env
+
+
+def _whole_number(env: dict[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be a whole number of at least {minimum}")
+    return value
+
+
+def _seconds(env: dict[str, str], name: str, default: float, minimum: float = 0.001) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= minimum:  # also rejects nan
+        raise ValueError(f"{name}={raw!r} must be a number of seconds, at least {minimum}")
+    return value
+
+
+def _switch(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ON:
+        return True
+    if raw in OFF:
+        return False
+    raise ValueError(f"{name}={raw!r} must be 'on' or 'off'")
