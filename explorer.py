@@ -8,6 +8,7 @@ reaches HTML, because live JupyterLab runs event handlers in HTML outputs.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import os
@@ -270,10 +271,9 @@ class ReportExplorer:
         return batch
 
     def _clicked(self, _button: Any) -> None:
-        try:
+        # A bad input is already shown in the message line, where a person is looking.
+        with contextlib.suppress(ValueError, BackendUnavailable):
             self.run(self.topics_box.value, self.iterations.value, self.threshold.value)
-        except (ValueError, BackendUnavailable):
-            pass  # already shown in the message line, where a person is looking
 
     def _on_event(self, event: dict[str, Any]) -> None:
         self.events.append(event)

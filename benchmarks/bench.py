@@ -5,7 +5,7 @@
 
 Every figure is measured in this one run, side by side, because shared
 machines are noisy; the conclusions are ratios. The offline model stands in for
-a remote one with a simulated latency (see offline_llm.simulated_latency).
+a remote one with a simulated latency (see machinery.offline_llm.simulated_latency).
 Writes results.json, results.md (the table) and results.png (the plot) to the
 output folder, and prints the table.
 
@@ -48,7 +48,7 @@ def enter_scratch_project() -> Path:
     (scratch / ".flyte").mkdir()
     shutil.copy2(ROOT / ".flyte" / "config.yaml", scratch / ".flyte" / "config.yaml")
     os.chdir(scratch)
-    os.environ.update(REPORT_BACKEND="offline", REPORT_LLM_CACHE="off", REPORTS_DIR=str(scratch / "reports"),
+    os.environ.update(REPORT_BACKEND="offline", REPORT_REPLY_CACHE="off", REPORTS_DIR=str(scratch / "reports"),
                       DO_NOT_TRACK="1")
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
         os.environ.pop(name, None)
@@ -76,7 +76,7 @@ class CallLog:
 
 
 def logging_transport(log: CallLog, latency: float):
-    import offline_llm
+    from machinery import offline_llm
 
     class LoggingTransport(offline_llm.OfflineTransport):
         async def handle_async_request(self, request):
@@ -90,16 +90,6 @@ def logging_transport(log: CallLog, latency: float):
     return LoggingTransport(latency=latency)
 
 
-def use_transport(transport) -> None:
-    """Route the pipeline's model calls through ``transport`` (the real openai client on top)."""
-    import offline_llm
-    import pipeline
-
-    pipeline.make_client = lambda config: offline_llm.openai_client(
-        transport, max_retries=config.client_retries, timeout=config.request_timeout)
-    pipeline._clients.clear()
-
-
 class DirectClient:
     """The same model calls without the HTTP client layer: the offline model called as a function."""
 
@@ -108,7 +98,7 @@ class DirectClient:
         self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
 
     async def create(self, **request: Any) -> Any:
-        import offline_llm
+        from machinery import offline_llm
 
         start = time.perf_counter()
         reply = offline_llm.complete(request)
@@ -134,7 +124,7 @@ def run_with_flyte(topics: list[str], use_cache: bool = False) -> float:
 
     import pipeline
 
-    pipeline.init_flyte()
+    pipeline.runtime.init_flyte()
     start = time.perf_counter()
     run = flyte.with_runcontext(mode="local", disable_run_cache=not use_cache).run(
         pipeline.report_batch_pipeline, topics=topics, max_iterations=3, quality_threshold=8, report_date=DATE)
@@ -173,32 +163,29 @@ def cleanup(reports) -> None:
 
 def fan_out_efficiency(config: dict) -> list[dict]:
     """Flyte's local run, and beside it the same calls awaited as plain coroutines: the ceiling of one event loop."""
-    import pipeline
+    from machinery.runtime import runtime
 
     rows = []
     for count in config["fanout"]:
-        pipeline.configure(max_concurrency=max(8, count), llm_cache=None)
         row: dict[str, Any] = {"topics": count, "latency_s": config["latency"]}
         for _ in range(config["repeats"]):
             for label, runner in (("", run_with_flyte), ("asyncio_", run_plain_asyncio)):
                 log = CallLog()
-                use_transport(logging_transport(log, config["latency"]))
-                wall = runner(topics_for(count, f"Fan-out {count}"))
+                with runtime.configured(max_concurrency=max(8, count), reply_cache=None), \
+                        runtime.use_transport(logging_transport(log, config["latency"])):
+                    wall = runner(topics_for(count, f"Fan-out {count}"))
                 if wall < row.get(f"{label}wall_s", float("inf")):
                     critical = log.critical_path(config["latency"])
                     row.update({f"{label}calls": len(log.calls), f"{label}critical_path_s": round(critical, 3),
                                 f"{label}wall_s": round(wall, 3), f"{label}efficiency": round(critical / wall, 3)})
         rows.append(row)
-    pipeline.configure(max_concurrency=8)
     return rows
 
 
 def orchestration_overhead(config: dict) -> dict:
-    import pipeline
+    from machinery.runtime import runtime
 
     count = config["overhead"]
-    pipeline.configure(max_concurrency=max(8, count), llm_cache=None)
-    original_get_client = pipeline.get_client
     timings: dict[str, dict] = {}
     for round_number in range(config["repeats"]):
         for label, runner, transport in (
@@ -207,22 +194,18 @@ def orchestration_overhead(config: dict) -> dict:
             ("asyncio_and_client", run_plain_asyncio, True),
             ("asyncio_without_client", run_plain_asyncio, False),
         ):
-            pipeline.configure(run_history=label.endswith("run_history"))
             log = CallLog()
-            if transport:
-                use_transport(logging_transport(log, 0.0))
-            else:
-                direct = DirectClient(log, 0.0)
-                pipeline.get_client = lambda client=direct: client
-            if round_number == 0:
-                runner(topics_for(2, f"Warm-up {label}"))  # imports, first-run costs
-                log.calls.clear()
-            wall = runner(topics_for(count, "Overhead"))  # the same topics, so exactly the same calls
+            model = (runtime.use_transport(logging_transport(log, 0.0)) if transport
+                     else runtime.use_client(DirectClient(log, 0.0)))
+            with runtime.configured(max_concurrency=max(8, count), reply_cache=None,
+                                    run_history=label.endswith("run_history")), model:
+                if round_number == 0:
+                    runner(topics_for(2, f"Warm-up {label}"))  # imports, first-run costs
+                    log.calls.clear()
+                wall = runner(topics_for(count, "Overhead"))  # the same topics, so exactly the same calls
             if wall < timings.get(label, {}).get("wall_s", float("inf")):
                 timings[label] = {"wall_s": round(wall, 3), "per_topic_ms": round(1000 * wall / count, 2),
                                   "calls": len(log.calls)}
-            pipeline.get_client = original_get_client
-    pipeline.configure(max_concurrency=8, run_history=False)
     per_topic = {k: v["per_topic_ms"] for k, v in timings.items()}
     # Per topic, Flyte runs two tasks and two traced functions per model call (the step and call_llm).
     actions_per_topic = 2 + 2 * timings["flyte_and_client"]["calls"] / count
@@ -241,25 +224,25 @@ def orchestration_overhead(config: dict) -> dict:
 
 def cached_rerun(config: dict, scratch: Path) -> dict:
     import pipeline
+    from machinery.runtime import runtime
 
     count = config["rerun"]
-    pipeline.configure(max_concurrency=max(8, count), llm_cache=scratch / "bench-replies.sqlite3")
-    use_transport(logging_transport(CallLog(), config["latency"]))
     timings: dict[str, list[float]] = {"first": [], "second": []}
     requests = {"first": 0, "second": 0}
     cached = []
-    for round_number in range(config["repeats"]):
-        topics = topics_for(count, f"Rerun {round_number}")  # new topics: a real first run each round
-        for run in ("first", "second"):
-            before = pipeline.requests_sent.value
-            start = time.perf_counter()
-            batch = pipeline.run_batch(topics, report_date=DATE, output_dir=scratch / "reports",
-                                       run_id=f"{run}-{round_number}")
-            timings[run].append(time.perf_counter() - start)
-            requests[run] += pipeline.requests_sent.value - before
-            assert all(report.ok for report in batch.reports)
-        cached.append(len(batch.cached_topics))
-    pipeline.configure(max_concurrency=8, llm_cache=None)
+    with runtime.configured(max_concurrency=max(8, count), reply_cache=scratch / "bench-replies.sqlite3"), \
+            runtime.use_transport(logging_transport(CallLog(), config["latency"])):
+        for round_number in range(config["repeats"]):
+            topics = topics_for(count, f"Rerun {round_number}")  # new topics: a real first run each round
+            for run in ("first", "second"):
+                before = runtime.requests_sent.value
+                start = time.perf_counter()
+                batch = pipeline.run_batch(topics, report_date=DATE, output_dir=scratch / "reports",
+                                           run_id=f"{run}-{round_number}")
+                timings[run].append(time.perf_counter() - start)
+                requests[run] += runtime.requests_sent.value - before
+                assert all(report.ok for report in batch.reports)
+            cached.append(len(batch.cached_topics))
     first, second = min(timings["first"]), min(timings["second"])
     return {"topics": count, "latency_s": config["latency"], "rounds": config["repeats"],
             "first_s": round(first, 3), "second_s": round(second, 3), "speedup": round(first / second, 1),
@@ -268,15 +251,14 @@ def cached_rerun(config: dict, scratch: Path) -> dict:
 
 
 def scaling(config: dict) -> list[dict]:
-    import pipeline
+    from machinery.runtime import runtime
 
     rows = []
     for count in config["scaling"]:
-        pipeline.configure(max_concurrency=max(8, count), llm_cache=None)
-        use_transport(logging_transport(CallLog(), 0.0))
-        wall = min(run_with_flyte(topics_for(count, f"Scale {count}")) for _ in range(config["repeats"]))
+        with runtime.configured(max_concurrency=max(8, count), reply_cache=None), \
+                runtime.use_transport(logging_transport(CallLog(), 0.0)):
+            wall = min(run_with_flyte(topics_for(count, f"Scale {count}")) for _ in range(config["repeats"]))
         rows.append({"topics": count, "wall_s": round(wall, 3), "per_topic_ms": round(1000 * wall / count, 2)})
-    pipeline.configure(max_concurrency=8)
     return rows
 
 
@@ -291,14 +273,13 @@ def formatting_fan_out(config: dict) -> dict:
     import flyte
 
     import pipeline
+    from machinery.runtime import runtime
 
-    pipeline.configure(llm_cache=None)
-    use_transport(logging_transport(CallLog(), config["latency"]))
-    pipeline.init_flyte()
-    use_transport(logging_transport(CallLog(), 0.0))
-    result = flyte.with_runcontext(mode="local", disable_run_cache=True).run(
-        pipeline.refine_report, topic="Formatting benchmark").outputs()[0]
-    use_transport(logging_transport(CallLog(), config["latency"]))
+    runtime.configure(reply_cache=None)  # the rest of this process runs without the reply cache
+    runtime.init_flyte()
+    with runtime.use_transport(logging_transport(CallLog(), 0.0)):
+        result = flyte.with_runcontext(mode="local", disable_run_cache=True).run(
+            pipeline.refine_report, topic="Formatting benchmark").outputs()[0]
 
     async def sequential():
         pipeline.format_as_markdown(result, DATE)
@@ -315,9 +296,10 @@ def formatting_fan_out(config: dict) -> dict:
         asyncio.run(make())
         return time.perf_counter() - start
 
-    timed(sequential)  # warm-up
-    seq = min(timed(sequential) for _ in range(3))
-    par = min(timed(gathered) for _ in range(3))
+    with runtime.use_transport(logging_transport(CallLog(), config["latency"])):
+        timed(sequential)  # warm-up
+        seq = min(timed(sequential) for _ in range(3))
+        par = min(timed(gathered) for _ in range(3))
     return {"latency_s": config["latency"], "sequential_s": round(seq, 4), "gathered_s": round(par, 4),
             "speedup": round(seq / par, 2)}
 
@@ -353,9 +335,11 @@ def markdown_table(results: dict) -> str:
         name = f"efficiency_{row['topics']}"
         target = f">= {TARGETS[name]}" if name in TARGETS else ""
         lines.append(f"| fan-out efficiency (critical path / wall) | {row['topics']} topics, {row['calls']} calls at "
-                     f"{row['latency_s']} s, {best} | {row['efficiency']:.3f} ({row['critical_path_s']} s / {row['wall_s']} s) "
+                     f"{row['latency_s']} s, {best} | {row['efficiency']:.3f} "
+                     f"({row['critical_path_s']} s / {row['wall_s']} s) "
                      f"| {target} | {met(name) if name in TARGETS else '-'} |")
-        lines.append(f"| same calls, plain asyncio (no Flyte) | {row['topics']} topics | {row['asyncio_efficiency']:.3f} "
+        lines.append(f"| same calls, plain asyncio (no Flyte) | {row['topics']} topics | "
+                     f"{row['asyncio_efficiency']:.3f} "
                      f"({row['asyncio_critical_path_s']} s / {row['asyncio_wall_s']} s) | | |")
     overhead = results["overhead"]
     runs = overhead["runs"]
@@ -371,7 +355,8 @@ def markdown_table(results: dict) -> str:
                  f"{overhead['flyte_vs_asyncio']}x | <= {TARGETS['overhead_ratio']}x | {met('overhead_ratio')} |")
     lines.append(f"| Flyte's cost per action ({overhead['flyte_actions_per_topic']} actions per topic) | | "
                  f"{overhead['flyte_ms_per_action']} ms | | |")
-    lines.append(f"| client layer ratio (with / without the openai client) | | {overhead['client_vs_no_client']}x | | |")
+    lines.append(f"| client layer ratio (with / without the openai client) | | "
+                 f"{overhead['client_vs_no_client']}x | | |")
     lines.append(f"| run history ratio (Flyte with / without local run history) | | "
                  f"{overhead['run_history_vs_none']}x | | |")
     rerun = results["cached_rerun"]
@@ -430,12 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-probe", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     scratch = enter_scratch_project()
-    import pipeline
+    from machinery.runtime import runtime
 
     if args.rss_probe:
-        pipeline.configure(max_concurrency=args.rss_probe, llm_cache=None)
-        use_transport(logging_transport(CallLog(), 0.0))
-        run_with_flyte(topics_for(args.rss_probe, "Memory"))
+        with runtime.configured(max_concurrency=args.rss_probe, reply_cache=None), \
+                runtime.use_transport(logging_transport(CallLog(), 0.0)):
+            run_with_flyte(topics_for(args.rss_probe, "Memory"))
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         return 0
     config = QUICK if args.quick else FULL

@@ -12,6 +12,8 @@ keeps state at module level.
 * ``with runtime.use_transport(transport):`` routes every model client made in
   the block through an ``httpx2`` transport: the seam tests and the benchmark
   use to put a scripted or logging model behind the real ``openai`` client.
+  ``with runtime.use_client(client):`` replaces the client itself (the
+  benchmark measures the pipeline without the HTTP client layer this way).
 * ``runtime.task_env_vars`` and ``runtime.openai_secrets(...)`` are the live
   values the task environments are declared with: they follow ``configure``,
   so a run or deploy ships the settings in force when it is made.
@@ -48,10 +50,16 @@ class Runtime:
         self._secret_lists: list[tuple[list[flyte.Secret], tuple[flyte.Secret, ...]]] = []
         self._listeners: list[ProgressListener] = []
         self._transport: httpx2.AsyncBaseTransport | None = None
+        self._client_override: Any = None
         self._announced = False
         self._flyte_run_history: bool | None = None  # what Flyte was initialised with; None: not yet
         self._reply_cache: ReplyCache | None = None
         self._apply(settings)
+
+    def __reduce__(self) -> str:
+        # Pickled (Flyte pickles task functions, and what they use, to version a deployment) as a
+        # reference to the one runtime of the process that loads it: state never travels.
+        return "runtime"
 
     # ------------------------------------------------------------------ settings
 
@@ -101,6 +109,8 @@ class Runtime:
         own, and an AsyncOpenAI client (its connection pool) must never be shared
         between two loops.
         """
+        if self._client_override is not None:
+            return self._client_override
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
@@ -129,6 +139,16 @@ class Runtime:
         finally:
             self._transport = before
             self._clients = weakref.WeakKeyDictionary()
+
+    @contextlib.contextmanager
+    def use_client(self, client: Any) -> Iterator[None]:
+        """Use ``client`` (anything with ``chat.completions.create``) for every model request in the block."""
+        before = self._client_override
+        self._client_override = client
+        try:
+            yield
+        finally:
+            self._client_override = before
 
     def reply_cache(self) -> ReplyCache | None:
         """The reply cache at ``settings.reply_cache`` (opened once per path), or None when it is off."""
