@@ -22,7 +22,12 @@ class CodeAndModelPolicy:
     """A ``flyte.Cache`` policy: ``flyte.Cache("auto", policies=[CodeAndModelPolicy()])``."""
 
     def get_version(self, salt: str, params: Any) -> str:
-        return hashlib.sha256(f"{salt}:{code_and_model(inspect.getsourcefile(params.func))}".encode()).hexdigest()
+        return hashlib.sha256(f"{salt}:{code_and_model(_source_file(params.func))}".encode()).hexdigest()
+
+
+@functools.cache  # inspect looks at the disk; a function's file does not change while the process runs
+def _source_file(function: Any) -> str | None:
+    return inspect.getsourcefile(function)
 
 
 def code_and_model(source_file: str | None) -> str:
