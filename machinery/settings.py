@@ -10,7 +10,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from machinery import offline_llm
 
@@ -102,28 +102,23 @@ class Settings:
 
 
 def _whole_number(env: dict[str, str], name: str, default: int, minimum: int = 1) -> int:
-    raw = env.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        raise ValueError(f"{name}={raw!r} must be a whole number of at least {minimum}")
-    return value
+    return _number(env, name, default, int, minimum, "a whole number of")
 
 
 def _seconds(env: dict[str, str], name: str, default: float, minimum: float = 0.001) -> float:
+    return _number(env, name, default, float, minimum, "a number of seconds,")
+
+
+def _number(env: dict[str, str], name: str, default: Any, kind: type, minimum: Any, meaning: str) -> Any:
     raw = env.get(name)
     if raw in (None, ""):
         return default
     try:
-        value = float(raw)
+        value = kind(raw)
     except ValueError:
-        value = float("nan")
-    if not value >= minimum:  # also rejects nan
-        raise ValueError(f"{name}={raw!r} must be a number of seconds, at least {minimum}")
+        value = None
+    if value is None or not value >= minimum:  # `not >=` also rejects nan
+        raise ValueError(f"{name}={raw!r} must be {meaning} at least {minimum}")
     return value
 
 
