@@ -9,8 +9,8 @@ a remote one with a simulated latency (see machinery.offline_llm.simulated_laten
 Writes results.json, results.md (the table) and results.png (the plot) to the
 output folder, and prints the table.
 
-Runs in a scratch folder with its own Flyte config (run history on, as in the
-project), so it never touches the project's caches.
+Runs in a scratch folder with a copy of the project's Flyte config, so it
+never touches the project's caches.
 """
 
 from __future__ import annotations
@@ -119,14 +119,14 @@ def topics_for(count: int, prefix: str) -> list[str]:
 # ----------------------------------------------------------------------------------------- the ways to run
 
 
-def run_with_flyte(topics: list[str], use_cache: bool = False) -> float:
+def run_with_flyte(topics: list[str], flyte_cache: bool = False) -> float:
     import flyte
 
     import pipeline
 
     pipeline.runtime.init_flyte()
     start = time.perf_counter()
-    run = flyte.with_runcontext(mode="local", disable_run_cache=not use_cache).run(
+    run = flyte.with_runcontext(mode="local", disable_run_cache=not flyte_cache).run(
         pipeline.report_batch_pipeline, topics=topics, max_iterations=3, quality_threshold=8, report_date=DATE)
     reports = run.outputs()[0]
     elapsed = time.perf_counter() - start
