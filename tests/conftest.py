@@ -1,11 +1,50 @@
-"""Test isolation, set up before anything imports flyte or pipeline.
+"""Test isolation, set up before anything imports flyte or pipeline; and where each test lives.
 
 * Flyte finds its config (and so its task cache and run history) from the
   working directory: every test session runs in a scratch folder with its own
   ``.flyte/config.yaml``, so no test reads a cache entry left by an earlier
   session or by the learner's own runs.
-* The offline model is selected explicitly, and no real API key or base URL
-  from the developer's shell can leak into a test.
+* The offline model is selected explicitly, and no real API key, base URL or
+  other ``REPORT_*`` setting from the developer's shell can leak into a test.
+* Every test gets an empty reply cache, and whatever runtime settings it
+  changes (``runtime.configure``) are restored after it, pass or fail.
+* Tests marked ``slow`` start a subprocess, a kernel, a browser or the
+  benchmark; ``make test-fast`` (``pytest -m "not slow"``) skips them.
+
+Tests are organised by the module they test; a new test goes in that module's file:
+
+=============================  =====================================================================
+module                         test file
+=============================  =====================================================================
+machinery/settings.py          test_settings.py
+machinery/runtime.py           test_runtime.py (clients per loop, configure/configured, use_transport,
+                               listeners, Flyte init, task env vars and secrets, deploy dry run)
+machinery/concurrency.py       test_concurrency.py
+machinery/records.py           test_records.py
+machinery/model_client.py      test_model_client.py (complete: cache, empty replies, redaction,
+                               metering; describe_error; check_backend)
+machinery/reply_cache.py       test_reply_cache.py
+machinery/cache_policy.py      test_cache_policy.py (keys; the CLI rerun/edit end to end)
+machinery/inputs.py            test_inputs.py
+machinery/files.py             test_files.py
+machinery/html_page.py         test_html_page.py
+machinery/run_output.py        test_run_output.py
+machinery/offline_llm.py       test_offline_llm.py
+pipeline.py: prompts, steps    test_pipeline_steps.py (call_llm, traced steps, critique repair)
+pipeline.py: formatters        test_pipeline_formatters.py
+pipeline.py: batch             test_pipeline_batch.py (run_batch and the driver in Flyte local mode,
+                               output files, partial failure, caches)
+pipeline.py: main, CLIs        test_cli.py (main in-process; python pipeline.py, flyte run --local)
+faults end to end              test_resilience.py (fault server, kill and resume, the canary key)
+notebooks/                     test_notebooks.py (nbval, papermill)
+what a browser shows           test_browser.py (report pages, live JupyterLab and explorer)
+project hygiene                test_project.py (dependencies, docs fragments, import layers)
+benchmarks/bench.py            test_bench.py
+=============================  =====================================================================
+
+Shared test code: ``helpers.py`` (``ScriptedTransport`` and ``scripted_model``: the real openai
+client in front of a scripted offline model), ``fault_server.py`` (a loopback server that injects
+faults), ``hostile.py`` (hostile model output), ``deploy_dry_run.py`` (run by test_runtime.py).
 """
 
 from __future__ import annotations
@@ -23,8 +62,8 @@ SCRATCH = Path(tempfile.mkdtemp(prefix="report-tests-"))
 (SCRATCH / ".flyte").mkdir()
 (SCRATCH / ".flyte" / "config.yaml").write_text("local:\n  persistence: true\n")
 
-for variable in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "REPORT_MODEL", "REPORT_MAX_CONCURRENCY", "REPORT_OFFLINE_LATENCY"):
-    os.environ.pop(variable, None)
+for variable in [name for name in os.environ if name.startswith(("OPENAI_", "REPORT_"))]:
+    os.environ.pop(variable)
 os.environ["REPORT_BACKEND"] = "offline"
 os.environ["REPORTS_DIR"] = str(SCRATCH / "reports")
 os.environ["REPORT_REPLY_CACHE"] = str(SCRATCH / "reply-cache" / "replies.sqlite3")
@@ -50,6 +89,14 @@ def fresh_reply_cache(tmp_path_factory):
 
     with runtime.configured(reply_cache=tmp_path_factory.mktemp("reply-cache") / "replies.sqlite3"):
         yield
+
+
+@pytest.fixture
+def api_key(monkeypatch):
+    """A fake OPENAI_API_KEY for the openai backend (restored after the test); returns it."""
+    key = "sk-test-0123456789abcdef"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    return key
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

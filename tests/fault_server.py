@@ -6,10 +6,13 @@ dropped connections, and for the critic malformed or truncated JSON, scores
 outside 1..10 and empty content. It records what happened: every request by
 its body, the faults it injected, and the peak number of requests in flight.
 
-Which requests fail is decided by a hash of the request body, so a retry of
-the same request is counted as a further attempt of it: a body scheduled for
-two faults fails twice and then succeeds. Topics containing ``Doomed`` fail
-every time (HTTP 503), to exhaust every retry budget.
+Which requests fail is decided by a hash of the request body (about
+``fault_percent`` of them), and a retry of the same request is counted as a
+further attempt of it: a body scheduled for two faults fails twice and then
+succeeds. Which fault a failing body gets is chosen in turn, in the order the
+bodies first arrive, so every kind is exercised whatever the prompts hash to.
+Topics containing ``Doomed`` fail every time (HTTP 503), to exhaust every
+retry budget.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 from collections import Counter
 from typing import Any
 
-import offline_llm
+from machinery import offline_llm
 
 TRANSPORT_FAULTS = ("429", "500", "503", "timeout", "drop")
 CRITIC_FAULTS = ("malformed", "truncated", "score-11", "score-0", "empty")
@@ -42,6 +45,8 @@ class FaultyServer(offline_llm.OfflineServer):
         self.faults: Counter[str] = Counter()  # fault kind -> times injected
         self.answered: list[str] = []  # body hashes answered with a usable reply, in order
         self.received: list[bytes] = []  # every completion request body, in order
+        self.schedule: dict[str, tuple[str | None, int]] = {}  # body hash -> (fault kind, attempts it hits)
+        self._turns: Counter[tuple[str, ...]] = Counter()  # faults handed out per list of kinds
         self.in_flight = 0
         self.peak_in_flight = 0
 
@@ -50,18 +55,27 @@ class FaultyServer(offline_llm.OfflineServer):
     def fault_for(self, body_hash: str, attempt: int, request: offline_llm.Request, prompt: str) -> str | None:
         if "Doomed" in request.topic:
             return "503"
+        with self._lock:
+            if body_hash not in self.schedule:
+                self.schedule[body_hash] = self._schedule(body_hash, request, prompt)
+            kind, times = self.schedule[body_hash]
+        return kind if attempt <= times else None
+
+    def _schedule(self, body_hash: str, request: offline_llm.Request, prompt: str) -> tuple[str | None, int]:
+        """(fault kind, how many attempts it hits) for a body seen for the first time; under the lock."""
         number = int(body_hash[:12], 16)
         if number % 100 >= self.fault_percent:
-            return None
+            return None, 0
         if request.role == "critic" and REPAIR_MARKER not in prompt and (number // 100) % 2:
             kinds = CRITIC_FAULTS  # half of the critic's faulty replies are bad content, not bad HTTP
         elif request.role == "critic":
             kinds = TRANSPORT_FAULTS
         else:
             kinds = TRANSPORT_FAULTS + ("empty",)
-        kind = kinds[(number // 200) % len(kinds)]
+        kind = kinds[self._turns[kinds] % len(kinds)]
+        self._turns[kinds] += 1
         times = 1 if kind in CRITIC_FAULTS else 1 + (number // 10_000) % 2  # within every retry budget
-        return kind if attempt <= times else None
+        return kind, times
 
     # ----------------------------------------------------------------- serving
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import offline_llm
+from machinery import offline_llm
 
 VECTORS = [
     "<script>window.__pwned=1</script>",
