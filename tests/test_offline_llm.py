@@ -1,4 +1,4 @@
-"""The offline model: deterministic, topic-aware, and a critic that a reviser can satisfy."""
+"""machinery/offline_llm.py, the offline model: deterministic, topic-aware, and a critic that a reviser can satisfy."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-import offline_llm
+import pipeline
+from machinery import offline_llm
 
 TOPICS = ["Quantum computing", "Why cats purr", "Remote work and small businesses", "critique", "日本の茶道"]
 
@@ -29,8 +30,6 @@ def refine(topic: str, rounds: int) -> list[dict]:
 
 
 def test_same_request_same_reply():
-    import pipeline
-
     body = chat(pipeline.WRITER_PROMPT, "Topic: Quantum computing\n\nWrite the report.")
     assert offline_llm.complete(body) == offline_llm.complete(json.loads(json.dumps(body)))
 
@@ -44,8 +43,6 @@ def test_different_topics_get_different_drafts():
 
 
 def test_a_topic_named_like_a_role_still_gets_a_report():
-    import pipeline
-
     reply = offline_llm.complete(chat(pipeline.WRITER_PROMPT, "Topic: critique\n\nWrite the report."))
     content = reply["choices"][0]["message"]["content"]
     assert content.startswith("# critique\n")
@@ -92,8 +89,6 @@ def test_json_mode_needs_the_word_json_like_openai():
 
 
 def test_critic_reply_is_json_with_the_critique_keys():
-    import pipeline
-
     body = chat(pipeline.CRITIC_PROMPT, "Topic: Cats\n\nReport to review:\n\n# Cats\n", json_mode=True)
     content = offline_llm.complete(body)["choices"][0]["message"]["content"]
     assert set(json.loads(content)) == {"score", "strengths", "improvements", "summary"}
@@ -109,8 +104,6 @@ def test_summary_is_extractive_and_short():
 
 
 def test_usage_is_reported():
-    import pipeline
-
     reply = offline_llm.complete(chat(pipeline.WRITER_PROMPT, "Topic: Cats\n\nWrite the report."))
     usage = reply["usage"]
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
@@ -122,14 +115,13 @@ def test_loopback_server_speaks_the_openai_protocol():
 
     from openai import AsyncOpenAI
 
-    import pipeline
-
     async def ask(base_url: str) -> tuple[str, list[str]]:
         client = AsyncOpenAI(base_url=base_url, api_key="anything")
         models = [m.id async for m in client.models.list()]
         reply = await client.chat.completions.create(
             model="whatever",
-            messages=[{"role": "system", "content": pipeline.WRITER_PROMPT}, {"role": "user", "content": "Topic: Cats"}],
+            messages=[{"role": "system", "content": pipeline.WRITER_PROMPT},
+                      {"role": "user", "content": "Topic: Cats"}],
         )
         await client.close()
         return reply.choices[0].message.content, models
@@ -138,3 +130,35 @@ def test_loopback_server_speaks_the_openai_protocol():
         content, models = asyncio.run(ask(server.base_url))
     assert content == offline_llm.write_draft("Cats")
     assert models == [offline_llm.MODEL_VERSION]
+
+
+def test_unknown_routes_and_bad_bodies_are_http_errors():
+    status, payload = offline_llm.route("GET", "/v1/nothing", b"")
+    assert status == 404 and "no route for GET /v1/nothing" in payload["error"]["message"]
+    status, payload = offline_llm.route("POST", "/v1/chat/completions", b"not json")
+    assert status == 400 and payload["error"]["type"] == "invalid_request_error"
+    status, payload = offline_llm.route("POST", "/v1/chat/completions", json.dumps({"messages": []}).encode())
+    assert status == 400 and "'messages' must be a non-empty list" in payload["error"]["message"]
+
+
+def test_simulated_latency_is_fixed_plus_per_token():
+    payload = offline_llm.complete(chat(pipeline.WRITER_PROMPT, "Topic: Cats"))
+    tokens = payload["usage"]["completion_tokens"]
+    assert offline_llm.simulated_latency(payload, 0.5, 0.01) == pytest.approx(0.5 + 0.01 * tokens)
+    assert offline_llm.simulated_latency({"error": {}}, 0.5, 0.01) == 0.0, "errors come back at once"
+
+
+def test_the_in_process_transport_waits_without_blocking_the_loop():
+    import asyncio
+    import time
+
+    client = offline_llm.openai_client(offline_llm.OfflineTransport(latency=0.2))
+
+    async def many():
+        body = chat(pipeline.WRITER_PROMPT, "Topic: Cats")
+        await asyncio.gather(*(client.chat.completions.create(**body) for _ in range(5)))
+        await client.close()
+
+    started = time.perf_counter()
+    asyncio.run(many())
+    assert time.perf_counter() - started < 0.2 * 5 * 0.6, "five replies overlap their waits"

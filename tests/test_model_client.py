@@ -1,0 +1,281 @@
+"""machinery/model_client.py: one chat completion (cached, retried on empty replies, redacted, metered),
+the error wording of reports, and the check made once before a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+from fault_server import FaultyServer
+from helpers import ScriptedTransport, replies_in_turn, scripted_model, served_by
+
+from machinery import offline_llm
+from machinery.model_client import (
+    EMPTY_REPLY_RETRIES,
+    BackendUnavailable,
+    EmptyReplyError,
+    Usage,
+    check_backend,
+    complete,
+    describe_error,
+    metering,
+    redact,
+)
+from machinery.reply_cache import ReplyCache, request_key
+from machinery.runtime import runtime
+
+CANARY = "sk-canary-7f3a9c1e5b2d4680"
+WRITER = "You are a report writer."
+
+
+def request(topic: str, system: str = WRITER, **extra: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "system", "content": system},
+                                       {"role": "user", "content": f"Topic: {topic}\n\nWrite the report."}], **extra}
+
+
+def run_metered(*requests: dict[str, Any]) -> tuple[list[str], Usage]:
+    """Complete ``requests`` one after another on a fresh loop; the replies and the usage they recorded."""
+
+    async def go():
+        with metering() as meter:
+            return [await complete(r) for r in requests], meter.total
+
+    return asyncio.run(go())
+
+
+# ----------------------------------------------------------------------------------------- replies and usage
+
+
+def test_complete_returns_the_models_text_and_meters_its_tokens():
+    with scripted_model() as transport:
+        (text,), usage = run_metered(request("Cats"))
+    assert text == offline_llm.write_draft("Cats")
+    assert transport.bodies == [request("Cats")], "the request body is sent as given"
+    assert (usage.requests, usage.cache_hits) == (1, 0)
+    assert usage.prompt_tokens > 0 and usage.completion_tokens == offline_llm.estimate_tokens(text)
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+class NoUsageTransport(offline_llm.OfflineTransport):
+    """A server that does not report token usage (some OpenAI-compatible servers don't)."""
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await super().handle_async_request(request)
+        payload = json.loads(response.content)
+        payload.pop("usage", None)
+        return httpx2.Response(response.status_code, json=payload)
+
+
+def test_a_reply_without_usage_counts_the_request_and_no_tokens():
+    with runtime.use_transport(NoUsageTransport()):
+        (text,), usage = run_metered(request("Cats"))
+    assert text == offline_llm.write_draft("Cats")
+    assert usage == Usage(requests=1)
+
+
+def test_usage_adds_up():
+    a = Usage(requests=1, cache_hits=2, prompt_tokens=3, completion_tokens=4)
+    b = Usage(requests=10, cache_hits=20, prompt_tokens=30, completion_tokens=40)
+    assert a + b == Usage(requests=11, cache_hits=22, prompt_tokens=33, completion_tokens=44)
+    assert (a + b).total_tokens == 77
+    assert sum([a, b], Usage()) == a + b
+
+
+def test_concurrent_meters_count_only_their_own_calls():
+    """Topics share one event loop; each task's meter must see its own calls, gathered ones included."""
+
+    async def topic(name: str, calls: int):
+        with metering() as meter:
+            await asyncio.gather(*(complete(request(f"{name} {i}")) for i in range(calls)))
+            return meter.total
+
+    async def both():
+        return await asyncio.gather(topic("Cats", 1), topic("Dogs", 3))
+
+    cats, dogs = asyncio.run(both())
+    assert (cats.requests, dogs.requests) == (1, 3)
+
+
+def test_only_the_innermost_meter_counts_and_none_outside_a_meter():
+    async def scenario():
+        await complete(request("Nobody counts this"))
+        with metering() as outer:
+            await complete(request("Outer"))
+            with metering() as inner:
+                await complete(request("Inner"))
+            await complete(request("Outer again"))
+        return outer.total, inner.total
+
+    outer, inner = asyncio.run(scenario())
+    assert (outer.requests, inner.requests) == (2, 1)
+
+
+# ----------------------------------------------------------------------------------------- the reply cache
+
+
+def test_a_reply_cache_hit_is_counted_as_a_hit_not_a_request(tmp_path):
+    with runtime.configured(reply_cache=tmp_path / "replies.sqlite3"), scripted_model() as transport:
+        (first,), spent = run_metered(request("Cats"))
+        before = runtime.requests_sent.value
+        (again,), reused = run_metered(request("Cats"))
+        assert runtime.requests_sent.value == before
+    assert first == again
+    assert (spent.requests, spent.cache_hits) == (1, 0)
+    assert (reused.requests, reused.cache_hits, reused.total_tokens) == (0, 1, 0)
+    assert transport.count() == 1
+    stored = ReplyCache(tmp_path / "replies.sqlite3").get(request_key("offline", request("Cats")))
+    assert stored.content == first and stored.completion_tokens == spent.completion_tokens
+
+
+def test_the_cache_key_includes_the_endpoint(tmp_path, api_key):
+    """The same request to another server is another reply."""
+    with runtime.configured(reply_cache=tmp_path / "replies.sqlite3"):
+        run_metered(request("Cats"))
+        with offline_llm.OfflineServer() as server, served_by(server):
+            _, usage = run_metered(request("Cats"))
+    assert (usage.requests, usage.cache_hits) == (1, 0)
+
+
+def test_with_the_cache_off_every_call_asks_the_model():
+    with runtime.configured(reply_cache=None), scripted_model() as transport:
+        _, usage = run_metered(request("Cats"), request("Cats"))
+    assert transport.count() == 2 and (usage.requests, usage.cache_hits) == (2, 0)
+    assert runtime.reply_cache() is not None, "the test's own cache is back after the block"
+
+
+# ----------------------------------------------------------------------------------------- empty replies
+
+
+def test_an_empty_reply_is_asked_again():
+    assert EMPTY_REPLY_RETRIES == 2
+    with scripted_model(replies_in_turn("writer", "", "  \n")) as transport:
+        (text,), usage = run_metered(request("Cats"))
+    assert transport.count("writer") == 3, "two empty replies, then the same request once more"
+    assert transport.bodies[0] == transport.bodies[1] == transport.bodies[2]
+    assert usage.requests == 3 and text == offline_llm.write_draft("Cats")
+
+
+def test_empty_replies_beyond_the_budget_are_a_clear_error_and_never_cached(tmp_path):
+    with runtime.configured(reply_cache=tmp_path / "replies.sqlite3"):
+        with scripted_model(lambda role, topic, content: "") as transport, \
+                pytest.raises(EmptyReplyError, match="empty reply 3 times in a row"):
+            asyncio.run(complete(request("Cats")))
+        assert transport.count() == 1 + EMPTY_REPLY_RETRIES
+        (text,), usage = run_metered(request("Cats"))
+    assert text == offline_llm.write_draft("Cats") and usage.cache_hits == 0
+
+
+# ----------------------------------------------------------------------------------------- errors and the key
+
+
+def test_a_key_quoted_by_the_server_is_redacted_from_the_error(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", CANARY)
+    with FaultyServer(echo_key_on_401="completions") as server, served_by(server, client_retries=0), \
+            pytest.raises(openai.AuthenticationError) as caught:
+        asyncio.run(complete(request("Cats")))
+    assert caught.value.status_code == 401
+    assert CANARY not in str(caught.value) and CANARY not in describe_error(caught.value)
+    assert "Incorrect API key provided: [API key]" in str(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__, "no chained original error"
+
+
+def test_error_messages_are_redacted(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", CANARY)
+    message = describe_error(RuntimeError(f"Incorrect API key provided: {CANARY}."))
+    assert message == "RuntimeError: Incorrect API key provided: [API key]."
+    assert redact(f"a {CANARY} b {CANARY}") == "a [API key] b [API key]"
+
+
+def test_a_short_key_is_not_redacted_everywhere(monkeypatch):
+    """OPENAI_API_KEY=local (for servers that ignore it) must not blank every 'local' in a message."""
+    monkeypatch.setenv("OPENAI_API_KEY", "local")
+    assert redact("a local server") == "a local server"
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert redact("nothing to hide") == "nothing to hide"
+
+
+def test_describe_error_prefers_flytes_error_code():
+    class Wrapped(RuntimeError):
+        code = "CritiqueError"
+
+    assert describe_error(Wrapped("invalid twice")) == "CritiqueError: invalid twice"
+    assert describe_error(ValueError("bad")) == "ValueError: bad"
+
+
+def test_the_cache_file_never_holds_the_api_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", CANARY)
+    with FaultyServer() as server, served_by(server, reply_cache=tmp_path / "replies.sqlite3"):
+        run_metered(request("Cats"), request("Dogs"))
+        assert server.requests == 2
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("replies.sqlite3*"))
+    assert len(stored) > 0 and CANARY.encode() not in stored
+
+
+# ----------------------------------------------------------------------------------------- check_backend
+
+
+def test_the_offline_model_needs_no_check(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    check_backend()
+
+
+def test_the_openai_backend_without_a_key_is_refused(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with runtime.configured(backend="openai"), pytest.raises(ValueError, match="needs OPENAI_API_KEY"):
+        check_backend()
+
+
+def test_a_working_server_passes_the_check(api_key):
+    with offline_llm.OfflineServer() as server, served_by(server):
+        check_backend()
+
+
+def test_an_unreachable_server_is_named(api_key):
+    with runtime.configured(backend="openai", base_url="http://127.0.0.1:9/v1"), \
+            pytest.raises(BackendUnavailable) as caught:  # port 9 (discard): nothing listens
+        check_backend(timeout=5)
+    message = str(caught.value)
+    assert "Cannot reach the model server at http://127.0.0.1:9/v1" in message and "OPENAI_BASE_URL" in message
+    assert api_key not in message
+
+
+def test_a_rejected_key_is_named_without_the_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", CANARY)
+    with FaultyServer(echo_key_on_401="everything") as server, served_by(server), \
+            pytest.raises(BackendUnavailable) as caught:
+        check_backend()
+    assert str(caught.value) == (f"The server at {server.base_url} rejected the API key (HTTP 401): "
+                                 "check OPENAI_API_KEY.")
+
+
+class NoModelsServer(offline_llm.OfflineServer):
+    """A server that answers completions but does not list models (404), like some local servers."""
+
+    def handle(self, handler: Any, method: str, raw_body: bytes) -> None:
+        if method == "GET":
+            handler.reply(404, {"error": {"message": "not found", "type": "not_found"}})
+        else:
+            super().handle(handler, method, raw_body)
+
+
+def test_a_server_that_does_not_list_models_passes_the_check(api_key):
+    with NoModelsServer() as server, served_by(server):
+        check_backend()
+        assert asyncio.run(complete(request("Cats"))) == offline_llm.write_draft("Cats")
+
+
+def test_scripted_transport_is_the_real_openai_client():
+    """The double behind most tests: the real client builds the request and parses the reply."""
+
+    async def ask():
+        client = runtime.client()
+        return client, await complete(request("Owls"))
+
+    with scripted_model() as transport:
+        client, text = asyncio.run(ask())
+    assert isinstance(client, openai.AsyncOpenAI) and isinstance(transport, ScriptedTransport)
+    assert text == offline_llm.write_draft("Owls")

@@ -1,0 +1,145 @@
+"""machinery/settings.py: environment variables -> Settings, with errors that name the variable."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from machinery import offline_llm
+from machinery.settings import OPENAI_URL, PROJECT_ROOT, Settings
+
+KEY = "sk-canary-1234567890abcdef"
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"REPORT_BACKEND": "anthropic"}, "REPORT_BACKEND='anthropic' is not a known backend"),
+        ({"REPORT_MAX_CONCURRENCY": "0"}, "REPORT_MAX_CONCURRENCY='0' must be a whole number of at least 1"),
+        ({"REPORT_MAX_CONCURRENCY": "many"}, "REPORT_MAX_CONCURRENCY='many'"),
+        ({"REPORT_MAX_CONCURRENCY": "2.5"}, "REPORT_MAX_CONCURRENCY='2.5'"),
+        ({"REPORT_CLIENT_RETRIES": "-1"}, "REPORT_CLIENT_RETRIES='-1' must be a whole number of at least 0"),
+        ({"REPORT_OFFLINE_LATENCY": "-1"}, "REPORT_OFFLINE_LATENCY='-1'"),
+        ({"REPORT_OFFLINE_LATENCY_PER_TOKEN": "nan"}, "REPORT_OFFLINE_LATENCY_PER_TOKEN='nan'"),
+        ({"REPORT_REQUEST_TIMEOUT": "soon"}, "REPORT_REQUEST_TIMEOUT='soon'"),
+        ({"REPORT_REQUEST_TIMEOUT": "0"}, "REPORT_REQUEST_TIMEOUT='0' must be a number of seconds"),
+        ({"REPORT_RUN_HISTORY": "maybe"}, "REPORT_RUN_HISTORY='maybe' must be 'on' or 'off'"),
+    ],
+)
+def test_bad_settings_are_named(environ, expected):
+    with pytest.raises(ValueError, match=expected.replace("(", r"\(")):
+        Settings.from_env(environ)
+
+
+def test_the_old_cache_variable_is_refused_with_its_new_name():
+    for value in ("off", "/tmp/x.sqlite3", ""):
+        with pytest.raises(ValueError, match="REPORT_LLM_CACHE was renamed: set REPORT_REPLY_CACHE instead"):
+            Settings.from_env({"REPORT_LLM_CACHE": value})
+
+
+def test_defaults_with_an_empty_environment():
+    settings = Settings.from_env({})
+    assert settings == Settings()
+    assert settings.backend == "offline" and settings.model_name == offline_llm.MODEL_VERSION
+    assert settings.reply_cache == PROJECT_ROOT / ".reply-cache" / "replies.sqlite3"
+    assert settings.reports_dir == PROJECT_ROOT / "reports"
+    assert settings.run_history is False and settings.client_retries == 3 and settings.max_concurrency == 8
+
+
+def test_backend_defaults_follow_the_environment():
+    assert Settings.from_env({}).backend == "offline"
+    assert Settings.from_env({"OPENAI_API_KEY": "sk-x"}).backend == "openai"
+    assert Settings.from_env({"OPENAI_BASE_URL": "http://127.0.0.1:1/v1"}).backend == "openai"
+    assert Settings.from_env({"OPENAI_API_KEY": "sk-x", "REPORT_BACKEND": "offline"}).backend == "offline"
+    assert Settings.from_env({"REPORT_BACKEND": " OpenAI "}).backend == "openai"
+    assert Settings.from_env({"OPENAI_API_KEY": "", "REPORT_BACKEND": ""}).backend == "offline"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("off", None), ("OFF", None), ("0", None), ("false", None), ("no", None), ("none", None), (" off ", None),
+        ("", Settings.reply_cache),
+    ],
+)
+def test_the_reply_cache_switch(value, expected):
+    assert Settings.from_env({"REPORT_REPLY_CACHE": value}).reply_cache == expected
+
+
+def test_paths_are_expanded_and_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    settings = Settings.from_env({"REPORT_REPLY_CACHE": "~/r.sqlite3", "REPORTS_DIR": "out"})
+    assert settings.reply_cache == tmp_path / "home" / "r.sqlite3"
+    assert settings.reports_dir == tmp_path / "out"
+
+
+def test_numbers_and_switches_are_parsed():
+    settings = Settings.from_env({
+        "REPORT_MAX_CONCURRENCY": "3", "REPORT_CLIENT_RETRIES": "0", "REPORT_REQUEST_TIMEOUT": "2.5",
+        "REPORT_OFFLINE_LATENCY": "0.2", "REPORT_OFFLINE_LATENCY_PER_TOKEN": "0.01", "REPORT_RUN_HISTORY": "On",
+        "REPORT_MODEL": "qwen2.5:1.5b",
+    })
+    assert (settings.max_concurrency, settings.client_retries, settings.request_timeout) == (3, 0, 2.5)
+    assert (settings.offline_latency, settings.offline_latency_per_token) == (0.2, 0.01)
+    assert settings.run_history is True and settings.model == "qwen2.5:1.5b"
+    assert Settings.from_env({"REPORT_RUN_HISTORY": "off"}).run_history is False
+
+
+def test_settings_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Settings().backend = "openai"  # type: ignore[misc]
+
+
+def test_endpoint_and_model_name_follow_the_backend():
+    assert Settings().endpoint == "offline"
+    assert Settings(backend="openai").endpoint == OPENAI_URL
+    assert Settings(backend="openai", base_url="http://127.0.0.1:8765/v1").endpoint == "http://127.0.0.1:8765/v1"
+    assert Settings(model="gpt-4.1").model_name == offline_llm.MODEL_VERSION, "offline ignores REPORT_MODEL"
+    assert Settings(backend="openai", model="gpt-4.1").model_name == "gpt-4.1"
+
+
+def test_openai_backend_without_a_key_fails_before_any_call(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="needs OPENAI_API_KEY"):
+        Settings.from_env({"REPORT_BACKEND": "openai"}).check_ready()
+    Settings.from_env({}).check_ready()  # the offline model needs nothing
+    monkeypatch.setenv("OPENAI_API_KEY", "local")
+    Settings.from_env({"REPORT_BACKEND": "openai"}).check_ready()
+
+
+def test_task_env_vars_carry_the_model_and_never_the_key_or_a_local_path():
+    local = Settings.from_env({"REPORT_REPLY_CACHE": "/somewhere/replies.sqlite3"})
+    assert local.task_env_vars() == {"REPORT_BACKEND": "offline", "REPORT_MODEL": "gpt-4o-mini",
+                                     "REPORT_REPLY_CACHE": "off"}
+    remote = Settings.from_env({"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": "http://10.0.0.5:8000/v1",
+                                "REPORT_MODEL": "llama3"})
+    assert remote.task_env_vars() == {"REPORT_BACKEND": "openai", "REPORT_MODEL": "llama3",
+                                      "REPORT_REPLY_CACHE": "off", "OPENAI_BASE_URL": "http://10.0.0.5:8000/v1"}
+
+
+def test_the_key_never_appears_in_what_settings_show(monkeypatch):
+    """The key is read from the environment by the client, never stored in Settings: nothing can show it."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    environ = {"OPENAI_API_KEY": KEY, "REPORT_MODEL": "qwen2.5:1.5b", "OPENAI_BASE_URL": "http://localhost:11434/v1"}
+    settings = Settings.from_env(environ)
+    assert settings.backend == "openai", "the key was seen: it chose the backend"
+    text = settings.describe()
+    assert "qwen2.5:1.5b" in text and "localhost:11434" in text
+    shown = [text, repr(settings), str(settings), repr(dataclasses.asdict(settings)), repr(settings.task_env_vars())]
+    for view in shown:
+        assert KEY not in view and KEY[3:13] not in view, view
+    assert KEY not in repr(dataclasses.fields(settings))
+    assert all(KEY not in str(value) for value in dataclasses.asdict(settings).values())
+
+
+def test_describe_says_which_model_writes():
+    assert Settings().describe().startswith(f"offline model {offline_llm.MODEL_VERSION}")
+    assert Settings(backend="openai").describe() == f"model gpt-4o-mini at {OPENAI_URL} (OpenAI-compatible)"
+
+
+def test_project_root_is_the_repository():
+    assert (PROJECT_ROOT / "pipeline.py").is_file() and (PROJECT_ROOT / "machinery").is_dir()
+    assert Path(PROJECT_ROOT).is_absolute()
