@@ -1,4 +1,4 @@
-"""Formatters: front matter that round-trips any topic, HTML that is a valid and inert document."""
+"""pipeline.py, formatters: front matter that round-trips any topic, HTML that is a valid and inert document."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from html.parser import HTMLParser
 import pytest
 
 import pipeline
-from pipeline import RefineResult, Round, Usage
+from machinery.model_client import Usage
+from pipeline import RefineResult, Round
 
 AWKWARD_TOPICS = [
     "Quantum computing",
@@ -153,3 +154,28 @@ def test_is_safe_link():
     assert pipeline.is_safe_link("mailto:a@example.org")
     for bad in ("javascript:x", " JAVASCRIPT:x", "java\tscript:x", "data:text/html,x", "vbscript:x", "file:///etc/passwd"):
         assert not pipeline.is_safe_link(bad), bad
+
+
+def test_read_front_matter_refuses_text_without_it():
+    with pytest.raises(ValueError, match="no front matter"):
+        pipeline.read_front_matter("# Just a report\n")
+    with pytest.raises(ValueError, match="not closed"):
+        pipeline.read_front_matter("---\ntitle: x\n\n# Report\n")
+
+
+def test_the_same_inputs_give_the_same_files():
+    result = result_for("Cats")
+    assert pipeline.format_as_markdown(result, "2026-11-29") == pipeline.format_as_markdown(result, "2026-11-29")
+    assert pipeline.format_as_html(result, "2026-11-29") == pipeline.format_as_html(result, "2026-11-29")
+    assert pipeline.format_as_markdown(result, "2026-11-29") != pipeline.format_as_markdown(result, "2026-11-30")
+
+
+def test_a_heading_that_differs_from_the_topic_is_kept():
+    page = pipeline.format_as_html(result_for("Cats", "# Why cats purr\n\nBecause.\n"), "2026-11-29")
+    assert parse(page).h1 == ["Cats", "Why cats purr"]
+
+
+def test_render_markdown_shows_raw_html_as_text():
+    fragment = pipeline.render_markdown("Hello <b>world</b>\n\n<div onclick=x>block</div>\n")
+    assert "<b>" not in fragment and "&lt;b&gt;world&lt;/b&gt;" in fragment
+    assert "<div" not in fragment and "&lt;div onclick=x&gt;" in fragment
