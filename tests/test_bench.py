@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, subprocess_env
 
 
+@pytest.mark.slow
 def test_the_benchmark_runs_in_a_tiny_configuration(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=tmp_path)
@@ -25,7 +27,8 @@ def test_the_benchmark_runs_in_a_tiny_configuration(tmp_path):
         assert 0 < row["asyncio_efficiency"] <= 1.05
     assert set(results["overhead"]["runs"]) == {"flyte_and_client", "flyte_and_client_with_run_history",
                                                 "asyncio_and_client", "asyncio_without_client"}
-    assert len({run["calls"] for run in results["overhead"]["runs"].values()}) == 1, "every variant makes the same calls"
+    calls = {run["calls"] for run in results["overhead"]["runs"].values()}
+    assert len(calls) == 1, "every variant makes the same calls"
     assert results["overhead"]["flyte_actions_per_topic"] >= 2 + 2 * 3, "two tasks and two traces per model call"
     rerun = results["cached_rerun"]
     assert rerun["first_requests"] >= 3 * rerun["topics"]

@@ -13,6 +13,7 @@ saved in build/screenshots/ (kept by CI as an artifact).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -28,11 +29,13 @@ from pathlib import Path
 import nbformat
 import pytest
 from conftest import ROOT
-from helpers import ScriptedTransport, install_transport
+from helpers import scripted_model
 from hostile import HOSTILE_TOPIC, TRAP, VECTORS, HostileServer, hostile_rewrite
 from scratch_project import make_scratch_project, scratch_environment
 
 import pipeline
+
+pytestmark = pytest.mark.slow  # a browser, and a JupyterLab server
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = ROOT / "build" / "screenshots"
@@ -82,11 +85,11 @@ class WatchedPage:
 # ----------------------------------------------------------------------------------------- 1. the pages
 
 
-def test_report_pages_are_inert_and_titled_in_chromium(browser, tmp_path, monkeypatch):
-    install_transport(monkeypatch, ScriptedTransport(hostile_rewrite))
+def test_report_pages_are_inert_and_titled_in_chromium(browser, tmp_path):
     topics = ["Quantum computing", HOSTILE_TOPIC, "日本の茶道 🍵", "Kubernetes: cost & scale"]
-    batch = pipeline.run_batch(topics, max_iterations=2, output_dir=tmp_path, run_id="browser", use_cache=False)
-    assert all(report.ok for report in batch.reports)
+    with scripted_model(hostile_rewrite):
+        batch = pipeline.run_batch(topics, max_iterations=2, output_dir=tmp_path, run_id="browser", flyte_cache=False)
+    assert [report.error for report in batch.reports] == [None] * len(topics)
     pages = [(batch.folder(topic) / "report.html", topic) for topic in topics]
     pages.append((batch.index_path, "Reports: run browser"))
     for index, (path, title) in enumerate(pages):
@@ -135,24 +138,27 @@ def lab(tmp_path_factory):
         target = home / "settings" / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(data))
-    server = HostileServer().start()
-    env = scratch_environment(
-        project, OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="sk-test-lab", JUPYTER_CONFIG_DIR=str(home / "config"),
-        JUPYTER_DATA_DIR=str(home / "data"), JUPYTER_RUNTIME_DIR=str(home / "runtime"), IPYTHONDIR=str(home / "ipython"),
-        JUPYTERLAB_SETTINGS_DIR=str(home / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"),
-    )
-    env.pop("REPORT_BACKEND")  # chosen from OPENAI_BASE_URL, as for a user
-    port, token = free_port(), secrets.token_hex(16)
-    log = open(home / "lab.log", "w")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "jupyter"), "lab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
-         f"--port={port}", "--port-retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={project}",
-         "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-         "--LabApp.extension_manager=readonly", "--LabApp.expose_app_in_browser=True"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=project,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
+    with contextlib.ExitStack() as cleanup:  # undone in reverse: JupyterLab, its log, the model server
+        server = cleanup.enter_context(HostileServer())
+        env = scratch_environment(
+            project, OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="sk-test-lab",
+            JUPYTER_CONFIG_DIR=str(home / "config"), JUPYTER_DATA_DIR=str(home / "data"),
+            JUPYTER_RUNTIME_DIR=str(home / "runtime"), IPYTHONDIR=str(home / "ipython"),
+            JUPYTERLAB_SETTINGS_DIR=str(home / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"),
+        )
+        env.pop("REPORT_BACKEND")  # chosen from OPENAI_BASE_URL, as for a user
+        port, token = free_port(), secrets.token_hex(16)
+        log = cleanup.enter_context(open(home / "lab.log", "w"))
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "jupyter"), "lab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
+             f"--port={port}", "--port-retries=0", f"--IdentityProvider.token={token}",
+             f"--ServerApp.root_dir={project}", "--LabApp.news_url=None",
+             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+             "--LabApp.extension_manager=readonly", "--LabApp.expose_app_in_browser=True"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=project,
+        )
+        cleanup.callback(stop_process_group, process)
+        base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
         while True:
             assert process.poll() is None, (home / "lab.log").read_text()[-3000:]
@@ -163,15 +169,16 @@ def lab(tmp_path_factory):
                 assert time.monotonic() < deadline, "jupyter lab did not start in 90 s"
                 time.sleep(0.2)
         yield base, token, project
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)  # the server shuts its kernels down
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
-        server.stop()
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the server we started (it shuts its kernels down); SIGKILL if it does not stop in 20 s."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def with_topics(project: Path, topics: list[str]) -> str:
