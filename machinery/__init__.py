@@ -2,8 +2,8 @@
 
 Layers, each importing only the ones above it in this list:
 
-* ``settings``      environment variables -> ``Settings`` (checked, with clear errors)
 * ``offline_llm``   the deterministic offline model: in-process transport and loopback server
+* ``settings``      environment variables -> ``Settings`` (checked, with clear errors)
 * ``records``       ``Record`` (pydantic, schema built once) and prompt text made from fields
 * ``concurrency``   ``InflightLimit`` (a cap across event loops) and ``Tally``
 * ``reply_cache``   the reply cache: identical model requests answered from SQLite

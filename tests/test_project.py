@@ -155,8 +155,6 @@ def documented_layers() -> list[str]:
     return re.findall(r"^\* ``(\w+)``", docstring, flags=re.MULTILINE)
 
 
-@pytest.mark.xfail(strict=True, reason="machinery/__init__.py lists settings above offline_llm, but settings imports "
-                   "offline_llm (for MODEL_VERSION): swap the first two bullets of its layer list")
 def test_machinery_modules_import_only_the_layers_above_them():
     layers = documented_layers()
     assert sorted(layers) == sorted(path.stem for path in MACHINERY if path.stem != "__init__"), "every module listed"
