@@ -350,7 +350,8 @@ async def format_outputs(result: RefineResult, report_date: str) -> ReportFiles:
 def work_folder(result: RefineResult, report_date: str) -> Path:
     """``<reports>/.work/<slug>-<digest>``: locally a Dir is only a path, so not a temp folder that
     disappears while the cache still names it; the digest covers everything the files depend on."""
-    inputs = f"{result.model_dump_json()}\x1f{report_date}\x1f{code_and_model(__file__)}"
+    report = result.model_dump_json(exclude={"usage", "produced_in_run"})  # what the files show
+    inputs = f"{report}\x1f{report_date}\x1f{code_and_model(__file__)}"
     digest = hashlib.sha256(inputs.encode()).hexdigest()[:16]
     return runtime.settings.reports_dir / ".work" / f"{slugify(result.topic)}-{digest}"
 
@@ -445,13 +446,15 @@ def run_batch(
         run = flyte.with_runcontext(mode="local", disable_run_cache=not flyte_cache).run(report_batch_pipeline,
                                                                                             **inputs)
         reports: list[TopicReport] = run.outputs()[0]
-        if missing_files(reports):  # a cache hit named a folder deleted since: make the files again
-            run = flyte.with_runcontext(mode="local", disable_run_cache=True).run(report_batch_pipeline, **inputs)
-            reports = run.outputs()[0]
-    this_run = Path(run.url).name  # locally, run.url is the run's metadata folder
+        these_runs = {"", Path(run.url).name}  # locally, run.url is the run's metadata folder
+        for report in missing_files(reports):  # a cache hit named a work folder deleted since: write it again
+            remade = flyte.with_runcontext(mode="local", disable_run_cache=True).run(
+                format_outputs, result=report.result, report_date=report_date)
+            report.files = remade.outputs()[0]
+            these_runs.add(Path(remade.url).name)
 
     def made_now(part: RefineResult | ReportFiles | None) -> bool:  # not served by Flyte's cache
-        return part is not None and part.produced_in_run in ("", this_run)
+        return part is not None and part.produced_in_run in these_runs
 
     return save_run(BatchResult(
         run_id=run_id,
@@ -461,7 +464,7 @@ def run_batch(
         reports=reports,
         llm_usage=sum((part.usage for r in reports for part in (r.result, r.files) if made_now(part)), Usage()),
         cached_topics=[r.topic for r in reports if r.result and not made_now(r.result)],
-        flyte_run_name=this_run,
+        flyte_run_name=Path(run.url).name,
     ))
 # {{/docs-fragment run-batch}}
 

@@ -73,9 +73,8 @@ class InflightLimit:
                 return
 
     def _grant(self, waiter: asyncio.Future[None]) -> None:
-        if waiter.cancelled():
-            self._release()
-        else:
+        # A waiter cancelled after the handover gives its slot back itself (in __aenter__).
+        if not waiter.cancelled():
             waiter.set_result(None)
 
 

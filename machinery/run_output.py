@@ -109,9 +109,9 @@ def summary_document(batch: BatchResult) -> dict[str, Any]:
     }
 
 
-def missing_files(reports: Sequence[Any]) -> list[str]:
-    """Topics whose files folder is gone: a cache hit can name a folder deleted since it was written."""
-    return [r.topic for r in reports if r.files is not None and not Path(r.files.folder.path).is_dir()]
+def missing_files(reports: Sequence[Any]) -> list[Any]:
+    """The reports whose files folder is gone: a cache hit can name a folder deleted since it was written."""
+    return [r for r in reports if r.files is not None and not Path(r.files.folder.path).is_dir()]
 
 
 def save_run(batch: BatchResult) -> BatchResult:

@@ -52,19 +52,11 @@ def test_inflight_limit_survives_cancelled_waiters():
     assert limit.in_flight == 0
 
 
-KNOWN_DOUBLE_RELEASE = pytest.mark.xfail(
-    strict=True,
-    reason="InflightLimit._grant releases a slot that __aenter__'s cancellation branch already gave back "
-    "(in_flight becomes -1, so the cap is exceeded by one afterwards); fix: in _grant, only "
-    "`if not waiter.cancelled(): waiter.set_result(None)`",
-)
-
-
 @pytest.mark.parametrize(
     "cancelled",
     [
-        pytest.param("while-waiting", marks=KNOWN_DOUBLE_RELEASE),
-        pytest.param("handed-over-not-yet-granted", marks=KNOWN_DOUBLE_RELEASE),
+        "while-waiting",
+        "handed-over-not-yet-granted",
         "after-the-grant",
     ],
 )

@@ -278,10 +278,6 @@ def test_a_deleted_work_folder_is_made_again_on_a_cache_hit(deleted_work_folders
             assert (second.folder(report.topic) / name).read_bytes() == (first.folder(report.topic) / name).read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="run_batch reruns the whole driver with disable_run_cache=True when a work "
-                   "folder is missing: refine_report runs again (real model calls when the reply cache is off), its "
-                   "new produced_in_run moves the work folder, and Flyte's cache keeps naming the deleted one, so "
-                   "every later run repeats all of it; fix: remake only format_outputs in the driver")
 def test_remaking_deleted_files_keeps_the_refined_reports_from_the_cache(deleted_work_folders):
     first, second, folders = deleted_work_folders
     assert second.cached_topics == [r.topic for r in first.reports], "the refined reports still come from the cache"

@@ -143,13 +143,13 @@ def test_saving_a_run_leaves_no_temporary_folder_per_topic(batch, tmp_path, monk
     assert list(scratch_tmp.iterdir()) == []
 
 
-def test_missing_files_names_topics_whose_folder_is_gone(batch):
+def test_missing_files_gives_the_reports_whose_folder_is_gone(batch):
     assert missing_files(batch.reports) == []
     gone = Path(batch.reports[0].files.folder.path)
     for child in gone.iterdir():
         child.unlink()
     gone.rmdir()
-    assert missing_files(batch.reports) == ["Cats"]
+    assert missing_files(batch.reports) == [batch.reports[0]]
 
 
 def test_paths_of_a_batch(batch):
