@@ -1,6 +1,6 @@
 """The pipeline's benchmark: fan-out efficiency, orchestration overhead, cached reruns, scaling, formatting.
 
-    make bench                                  # the full run (about five minutes on 2 cores)
+    make bench                                  # the full run (a few minutes on 2 cores)
     python benchmarks/bench.py --quick --out DIR  # a tiny configuration, used by the tests
 
 Every figure is measured in this one run, side by side, because shared
