@@ -21,6 +21,25 @@ reviser, summariser) well enough to make the control flow real:
   would, so the score rises over several iterations;
 * the summariser picks the report's most representative sentences.
 
+Two markers in a topic (any letter case, anywhere in it) make the critic
+misbehave on purpose, so the notebooks can show the pipeline's critique repair
+and partial failure with no test double:
+
+* ``(unreviewable)``, as in ``"Dogs (unreviewable)"``: every critique, the
+  repair request's included, has a score of 0, which ``Critique`` rejects
+  ("score: Input should be greater than or equal to 1"). ``critique_draft``
+  sends one repair request, then raises ``CritiqueError``; Flyte does not retry
+  it, so the topic fails at once (two critic requests) and the others finish.
+* ``(needs repair)``, as in ``"Why cats purr (needs repair)"``: the first
+  critique of each draft has a score of 11 ("score: Input should be less than
+  or equal to 10"); the repair request (its prompt says "Your previous reply
+  could not be used") gets the valid critique. The topic succeeds, with two
+  critic requests per round.
+
+If a topic holds both, ``(unreviewable)`` wins. Nothing else changes: writer,
+reviser and summariser answer as for any topic, and the valid critique is the
+one any other topic would get for the same report.
+
 Same request, same reply, every run: nothing here reads a clock or a random
 source. Learners read ``pipeline.py``; this module is machinery.
 """
@@ -43,7 +62,7 @@ import httpx2
 
 # Bump when the model's behaviour changes: the pipeline folds it into its cache
 # keys, so a changed offline model never serves an old cached report.
-MODEL_VERSION = "offline-reporter-4"
+MODEL_VERSION = "offline-reporter-5"
 
 ASPECTS = (
     "Background",
@@ -112,6 +131,13 @@ STOPWORDS = frozenset(
 )
 
 
+# Markers that make the critic's reply unusable on purpose (see the module docstring).
+UNREVIEWABLE = "(unreviewable)"
+NEEDS_REPAIR = "(needs repair)"
+# A phrase in pipeline.critique_draft's repair request: it tells a repair from a first critique.
+REPAIR_REQUEST = "Your previous reply could not be used"
+
+
 class OfflineModelError(Exception):
     """A request the offline model refuses, as a real API would (HTTP 400)."""
 
@@ -125,6 +151,7 @@ class Request:
     topic: str
     document: str
     improvements: tuple[str, ...]
+    repair: bool = False  # a request to repair an unusable reply (the critic's, in practice)
 
 
 def _message_text(message: dict[str, Any]) -> str:
@@ -174,7 +201,8 @@ def parse_request(body: dict[str, Any]) -> Request:
         document = _labelled_block(first_user, label)
         if document:
             break
-    return Request(role=role, topic=topic, document=document, improvements=improvements)
+    return Request(role=role, topic=topic, document=document, improvements=improvements,
+                   repair=REPAIR_REQUEST in first_user)
 
 
 # --------------------------------------------------------------------------- writing
@@ -283,6 +311,17 @@ def critique(markdown: str, topic: str) -> dict[str, Any]:
         "improvements": [check.improvement for check in missing],
         "summary": f"{len(passed)} of {len(CHECKS)} criteria met in {words} words.",
     }
+
+
+def critic_reply(request: Request) -> dict[str, Any]:
+    """The critique, or the unusable one a marker in the topic asks for (see the module docstring)."""
+    result = critique(request.document, request.topic)
+    topic = request.topic.lower()
+    if UNREVIEWABLE in topic:
+        return {**result, "score": 0}
+    if NEEDS_REPAIR in topic and not request.repair:
+        return {**result, "score": 11}
+    return result
 
 
 # --------------------------------------------------------------------------- revision
@@ -458,7 +497,7 @@ def complete(body: dict[str, Any]) -> dict[str, Any]:
     """Answer one ``/v1/chat/completions`` request body with a complete response body."""
     request = parse_request(body)
     if request.role == "critic":
-        content = json.dumps(critique(request.document, request.topic))
+        content = json.dumps(critic_reply(request))
     elif request.role == "reviser":
         content = revise(request.document, request.topic, request.improvements)
     elif request.role == "summarizer":

@@ -1,13 +1,16 @@
-"""machinery/offline_llm.py, the offline model: deterministic, topic-aware, and a critic that a reviser can satisfy."""
+"""machinery/offline_llm.py, the offline model: deterministic, topic-aware, a critic that a reviser can satisfy,
+and topic markers that make the critic fail on purpose."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from pydantic import ValidationError
 
 import pipeline
 from machinery import offline_llm
+from machinery.inputs import validate_batch
 
 TOPICS = ["Quantum computing", "Why cats purr", "Remote work and small businesses", "critique", "日本の茶道"]
 
@@ -162,3 +165,79 @@ def test_the_in_process_transport_waits_without_blocking_the_loop():
     started = time.perf_counter()
     asyncio.run(many())
     assert time.perf_counter() - started < 0.2 * 5 * 0.6, "five replies overlap their waits"
+
+
+# ----------------------------------------------------------------------------------------- the critic's markers
+
+
+def critic_reply(topic: str, repair: bool = False) -> dict:
+    """The offline critic's reply (parsed) to a first critique or to pipeline.critique_draft's repair request."""
+    draft = offline_llm.write_draft(topic)
+    lead = f"{offline_llm.REPAIR_REQUEST}: score: ...\nReply again with one JSON object.\n\n" if repair else ""
+    body = chat(pipeline.CRITIC_PROMPT, f"Topic: {topic}\n\n{lead}Report to review:\n\n{draft}", json_mode=True)
+    return json.loads(offline_llm.complete(body)["choices"][0]["message"]["content"])
+
+
+@pytest.mark.parametrize("topic", ["Why cats purr (needs repair)", "Dogs (unreviewable)", "Birds (Needs Repair)"])
+def test_topics_with_a_marker_are_valid_batch_topics(topic):
+    assert validate_batch([topic], 3, 8) == [topic]
+
+
+def test_an_unreviewable_topic_gets_a_critique_scored_0_every_time():
+    topic = "Dogs (unreviewable)"
+    expected = offline_llm.critique(offline_llm.write_draft(topic), topic)
+    for repair in (False, True):
+        reply = critic_reply(topic, repair)
+        assert reply == {**expected, "score": 0}, "only the score is unusable"
+        with pytest.raises(ValidationError, match="greater than or equal to 1"):
+            pipeline.Critique.model_validate(reply)
+
+
+def test_a_needs_repair_topic_gets_a_score_of_11_first_and_a_valid_critique_on_repair():
+    topic = "Why cats purr (needs repair)"
+    expected = offline_llm.critique(offline_llm.write_draft(topic), topic)
+    first = critic_reply(topic)
+    assert first == {**expected, "score": 11}
+    with pytest.raises(ValidationError, match="less than or equal to 10"):
+        pipeline.Critique.model_validate(first)
+    assert critic_reply(topic, repair=True) == expected
+    assert pipeline.Critique.model_validate(expected).score == expected["score"]
+
+
+def test_markers_are_found_in_any_letter_case_and_unreviewable_wins():
+    assert critic_reply("Birds (Needs Repair)")["score"] == 11
+    assert critic_reply("Birds (UNREVIEWABLE)", repair=True)["score"] == 0
+    assert critic_reply("Birds (needs repair) (unreviewable)")["score"] == 0
+    assert critic_reply("Birds (needs repair) (unreviewable)", repair=True)["score"] == 0
+
+
+def test_a_topic_without_a_marker_is_critiqued_as_before():
+    for topic in ("Cats", "Needs repair", "Why reviews are unreviewable"):
+        expected = offline_llm.critique(offline_llm.write_draft(topic), topic)
+        assert critic_reply(topic) == expected == critic_reply(topic, repair=True)
+
+
+@pytest.mark.parametrize("topic", ["Dogs (unreviewable)", "Why cats purr (needs repair)"])
+def test_markers_change_only_the_critic(topic):
+    draft = offline_llm.write_draft(topic)
+    writer = offline_llm.complete(chat(pipeline.WRITER_PROMPT, f"Topic: {topic}\n\nWrite the report."))
+    assert writer["choices"][0]["message"]["content"] == draft
+    reviser_prompt = f"Topic: {topic}\n\nImprovements to make:\n- Add a Conclusion.\n\nCurrent report:\n\n{draft}"
+    reviser = offline_llm.complete(chat(pipeline.REVISER_PROMPT, reviser_prompt))
+    assert reviser["choices"][0]["message"]["content"] == offline_llm.revise(
+        draft, topic, ("Add a Conclusion.",))
+    summary = offline_llm.complete(chat(pipeline.SUMMARY_PROMPT, f"Topic: {topic}\n\nReport to summarize:\n\n{draft}"))
+    assert summary["choices"][0]["message"]["content"] == offline_llm.summarize(draft)
+
+
+def test_markers_work_over_the_loopback_server_too():
+    import urllib.request
+
+    topic = "Why cats purr (needs repair)"
+    body = chat(pipeline.CRITIC_PROMPT, f"Topic: {topic}\n\nReport to review:\n\n# {topic}\n", json_mode=True)
+    with offline_llm.OfflineServer() as server:
+        request = urllib.request.Request(f"{server.base_url}/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            reply = json.load(response)
+    assert json.loads(reply["choices"][0]["message"]["content"])["score"] == 11

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import flyte
@@ -180,6 +181,37 @@ def test_one_failing_topic_does_not_lose_the_others(tmp_path):
     assert {"topic": doomed, "step": "error", "error": outcome[doomed].error} in events
     assert {e["step"] for e in events if e["topic"] == "Cats"} >= {"draft", "critique", "scored", "revise", "format",
                                                                     "done"}
+
+
+def test_the_offline_markers_show_a_failed_topic_and_a_repaired_one(tmp_path):
+    """What the notebooks show with the offline model alone: '(unreviewable)' fails its topic at once, without
+    a retry, while the others finish; '(needs repair)' costs one repair request per round and succeeds."""
+    cats, dogs, birds = "Cats", "Dogs (unreviewable)", "Birds (needs repair)"
+    events = []
+    # No reply cache: a retried task would have to ask the model again, so the counts below would show it.
+    with runtime.configured(reply_cache=None), scripted_model() as transport:
+        started = time.perf_counter()
+        batch = pipeline.run_batch([cats, dogs, birds], max_iterations=2, output_dir=tmp_path, run_id="markers",
+                                   flyte_cache=False, on_event=events.append)
+        elapsed = time.perf_counter() - started
+    outcome = {r.topic: r for r in batch.reports}
+    assert outcome[cats].ok and outcome[birds].ok and not outcome[dogs].ok
+    assert outcome[dogs].error == (
+        "CritiqueError: The critic's reply for 'Dogs (unreviewable)' was invalid twice (after one repair "
+        "request): score: Input should be greater than or equal to 1 (got '0')"
+    )
+    drafts = [e["topic"] for e in events if e["step"] == "draft"]
+    assert drafts.count(dogs) == 1, "one refine attempt: a CritiqueError is not retried"
+    assert transport.count("writer", dogs) == 1 and transport.count("critic", dogs) == 2
+    assert transport.count("reviser", dogs) == 0 and transport.count("summarizer", dogs) == 0
+    rounds = outcome[birds].result.iterations
+    assert transport.count("critic", birds) == 2 * rounds, "one repair request per round"
+    repairs = [p for p in transport.prompts("critic") if offline_llm.REPAIR_REQUEST in p]
+    assert sorted(p.partition("\n")[0] for p in repairs) == sorted([f"Topic: {birds}"] * rounds + [f"Topic: {dogs}"])
+    assert transport.count("critic", cats) == outcome[cats].result.iterations, "no repair for an unmarked topic"
+    assert all(1 <= r.score <= 10 for r in outcome[birds].result.history)
+    assert (batch.folder(birds) / "report.html").exists() and not batch.folder(dogs).exists()
+    assert elapsed < 10, f"{elapsed:.1f} s: the failed topic waited on retries"
 
 
 def test_a_failed_formatting_step_fails_only_its_topic(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import flyte.errors
 import pytest
@@ -153,6 +154,34 @@ def test_a_critique_invalid_twice_is_a_clear_error():
     assert transport.count("critic") == 2, "exactly one repair request, no more"
     assert isinstance(caught.value, flyte.errors.NonRecoverableError), "Flyte does not retry it"
     assert caught.value.code == "CritiqueError"
+
+
+def test_the_offline_needs_repair_marker_costs_exactly_one_repair_request():
+    """The notebooks show a repair with the offline model alone: no test double rewrites the reply."""
+    topic = "Why cats purr (needs repair)"
+    draft = offline_llm.write_draft(topic)
+    with scripted_model() as transport:
+        critique, usage = run_metered(pipeline.critique_draft, topic, draft)
+    assert transport.count("critic") == 2 and usage.requests == 2
+    first, repair = transport.prompts("critic")
+    assert offline_llm.REPAIR_REQUEST not in first
+    assert repair.startswith(f"Topic: {topic}\n\n{offline_llm.REPAIR_REQUEST}: "
+                             "score: Input should be less than or equal to 10 (got '11')"), repair[:200]
+    assert critique == pipeline.Critique.model_validate(offline_llm.critique(draft, topic))
+
+
+def test_the_offline_unreviewable_marker_fails_fast_with_a_critique_error():
+    topic = "Dogs (unreviewable)"
+    started = time.perf_counter()
+    with scripted_model() as transport, pytest.raises(pipeline.CritiqueError) as caught:
+        asyncio.run(pipeline.critique_draft(topic, offline_llm.write_draft(topic)))
+    assert time.perf_counter() - started < 1.0
+    assert str(caught.value) == (
+        "The critic's reply for 'Dogs (unreviewable)' was invalid twice (after one repair request): "
+        "score: Input should be greater than or equal to 1 (got '0')"
+    )
+    assert transport.count("critic") == 2
+    assert isinstance(caught.value, flyte.errors.NonRecoverableError)
 
 
 def test_a_score_given_as_a_string_is_accepted():
