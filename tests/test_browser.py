@@ -229,6 +229,14 @@ def test_explorer_in_live_jupyterlab(browser, lab):
             explorer.locator(".lm-TabBar-tab", has_text=title).click()
             page.wait_for_timeout(300)
         explorer.locator(".widget-tab img[alt='score per round']").wait_for()
+
+        # The Files tab links into the folder the server serves (its root, not the kernel's folder).
+        explorer.locator(".lm-TabBar-tab", has_text="Files").click()
+        href = explorer.locator(".widget-tab a", has_text="report.md").get_attribute("href")
+        assert href.startswith("/files/reports/notebook-05/") and href.endswith("/report.md"), href
+        served = page.request.get(f"{base}{href}?token={token}")
+        assert served.status == 200 and served.text().startswith("---\ntitle:"), served.status
+        explorer.locator(".lm-TabBar-tab", has_text="Critique history").click()
         explorer.screenshot(path=str(SCREENSHOTS / "lab-explorer.png"), animations="disabled")
         page.screenshot(path=str(SCREENSHOTS / "lab-page.png"), animations="disabled")
 
