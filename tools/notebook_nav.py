@@ -5,7 +5,8 @@
 
 Each notebook gets a navigation cell right after its title cell and one at the
 end, marked ``<!--NAVIGATION-->``. The index lists every notebook with its title
-and its "What you will learn" points, read from the notebooks themselves.
+and its "What you will learn" points, read from the notebooks themselves, and
+shows the pipeline as a diagram that tools/pipeline_diagram.py reads from pipeline.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import sys
 from pathlib import Path
 
 import nbformat
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline_diagram import mermaid  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 MARKER = "<!--NAVIGATION-->"
@@ -72,6 +76,16 @@ def index_markdown(paths: list[Path], titles: list[str], points: list[list[str]]
     ]
     for path, title, learn in zip(paths, titles, points):
         lines.append(f"| [{title}]({path.name}) | {'; '.join(learn)} |")
+    lines += [
+        "",
+        "## The pipeline at a glance",
+        "",
+        "What one batch runs, read from `pipeline.py` by `tools/pipeline_diagram.py`: each task with its environment",
+        "and retries, the `flyte.group`s, the traced functions (rounded) and what runs in a thread. Steps in the same",
+        "box with no arrow between them run at the same time; every traced step asks the model through `call_llm`.",
+        "",
+        mermaid().rstrip("\n"),
+    ]
     return "\n".join(lines) + "\n"
 
 
