@@ -43,6 +43,7 @@ bench: install
 # Maintainers: after changing pipeline.py or a notebook, restart-and-run-all every notebook
 # (offline model, fresh Flyte cache) and regenerate the navigation links and the index.
 notebooks: install
+	$(PY) tools/pipeline_diagram.py --write
 	$(PY) tools/notebook_nav.py
 	$(PY) tools/execute_notebooks.py
 

@@ -85,9 +85,10 @@ reader: the main points, the key evidence and the recommendation. Return plain t
 
 
 # {{docs-fragment environments}}
-# The container image a cluster runs our tasks in. Locally, tasks run in this Python process.
+# The container image a cluster runs our tasks in: the packages the pipeline imports, and
+# unionai-reuse, the runtime that reusable containers (below) need on a Union backend.
 image = flyte.Image.from_debian_base(python_version=(3, 12)).with_pip_packages(
-    "openai>=3.50", "httpx2", "pydantic>=2.7", "pyyaml>=6", "markdown-it-py>=3"
+    "openai>=3.50", "httpx2", "pydantic>=2.7", "pyyaml>=6", "markdown-it-py>=3", "unionai-reuse>=0.1.9"
 )
 
 # Tasks that call the model: many at once, each mostly waiting on the network.
@@ -119,8 +120,8 @@ driver_env = flyte.TaskEnvironment(
     env_vars=runtime.task_env_vars,
     depends_on=[llm_env],
 )
-# Locally, Flyte ignores image, resources, reuse and secrets (the key comes from this process's
-# environment); a cluster applies them. The cache works in both.
+# Locally, Flyte ignores image, resources, reuse, secrets and env_vars: tasks run in this process
+# and see its environment (the key included). A cluster applies them all. The cache works in both.
 # {{/docs-fragment environments}}
 
 

@@ -40,6 +40,8 @@ notebooks/                     test_notebooks.py (nbval, papermill)
 what a browser shows           test_browser.py (report pages, live JupyterLab and explorer)
 project hygiene                test_project.py (dependencies, docs fragments, import layers)
 benchmarks/bench.py            test_bench.py
+explorer.py                    test_explorer.py (views, the report explorer, run_tree)
+tools/pipeline_diagram.py      test_diagram.py (the diagram matches pipeline.py)
 =============================  =====================================================================
 
 Shared test code: ``helpers.py`` (``ScriptedTransport`` and ``scripted_model``: the real openai
