@@ -1,7 +1,7 @@
 """Restart and run all: execute notebooks in a fresh copy of the project and save their outputs.
 
     python tools/execute_notebooks.py                      # every notebook
-    python tools/execute_notebooks.py 03_refinement_loop   # some
+    python tools/execute_notebooks.py 03_refinement_loop   # some: a name, its start (03) or its file name
 
 Outputs come from the offline model and an empty Flyte cache (see
 scratch_project.py), so saving them again changes nothing unless the code
@@ -69,9 +69,18 @@ def execute(path: Path) -> float:
     return elapsed
 
 
+def selected(names: list[str]) -> list[Path]:
+    """The notebooks named (``03``, ``03_refinement_loop``, ``notebooks/03_refinement_loop.ipynb``), or all."""
+    paths = notebook_paths()
+    stems = [Path(name).name.removesuffix(".ipynb") for name in names]
+    unknown = [name for name, stem in zip(names, stems) if not any(p.stem.startswith(stem) for p in paths)]
+    if unknown:
+        raise SystemExit(f"no notebook named {', '.join(unknown)}: use names like 03_refinement_loop")
+    return [p for p in paths if not stems or any(p.stem.startswith(stem) for stem in stems)]
+
+
 def main(names: list[str]) -> int:
-    paths = [p for p in notebook_paths() if not names or any(p.stem.startswith(n) for n in names)]
-    for path in paths:
+    for path in selected(names):
         print(f"{path.name}: {execute(path):.1f} s", flush=True)
     return 0
 
