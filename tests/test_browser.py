@@ -208,7 +208,7 @@ def test_explorer_in_live_jupyterlab(browser, lab):
         results = explorer.locator(".widget-html-content table").nth(1)
         for topic in topics:
             results.locator("td", has_text=topic).first.wait_for()
-        page.locator(".jp-OutputArea-output", has_text="same reports: True").wait_for(timeout=120_000)
+        page.locator(".jp-OutputArea-output", has_text="came from Flyte's task cache").wait_for(timeout=120_000)
 
         # A person types two new topics and presses Run.
         explorer.locator("textarea").fill("Rust\nWebAssembly")
