@@ -11,6 +11,34 @@ replaced, in one of two ways:
   HTTP server, so ``OPENAI_BASE_URL=http://127.0.0.1:8765/v1`` works like any
   OpenAI-compatible server (Ollama, vLLM, llama.cpp).
 
+The loopback server (``OfflineServer``, and the same options on the command line)
+can also behave like a remote, rate-limited API, for tests and benchmarks:
+
+* ``latency`` / ``--latency`` seconds per completion, plus ``per_token_latency`` /
+  ``--latency-per-token`` per generated token;
+* ``jitter`` / ``--jitter``: that latency times a lognormal factor (median 1, sigma
+  ``jitter``, clipped at 3 sigma) drawn from the request body's hash, so replies do
+  not arrive in lockstep yet the same request always waits the same time;
+* ``requests_per_minute`` / ``--rpm``: a budget over ``/chat/completions`` requests
+  (``GET /models`` is free), a token bucket of ``burst`` / ``--burst`` tokens
+  (default: ten seconds' worth, ``ceil(rpm / 6)``, at least 1) refilled at
+  ``rpm / 60`` per second. A request over it gets HTTP 429 with OpenAI's error body
+  (``"type": "requests"``, ``"code": "rate_limit_exceeded"``), ``retry-after-ms``
+  (milliseconds until the next token, rounded up) and ``retry-after`` (the same in
+  whole seconds, rounded up). The ``openai`` client raises ``RateLimitError`` on it,
+  after its own retries;
+* ``ratelimit_headers`` / ``--ratelimit-headers`` (needs a budget): every
+  chat-completion reply, 429s included, carries ``x-ratelimit-limit-requests`` (the
+  budget per minute), ``x-ratelimit-remaining-requests`` (whole tokens left in the
+  bucket after this request, at most ``burst``) and ``x-ratelimit-reset-requests``
+  (until the bucket is full again, in OpenAI's format: ``12ms``, ``1s``, ``6m0s``);
+* ``clock``: the bucket's clock, ``time.monotonic`` unless a test passes a fake one.
+
+``OfflineServer.stats()`` is a snapshot (``ServerStats``) of what the server saw:
+chat-completion ``requests`` received, ``rate_limited`` (429s sent), ``completions``
+served, ``errors`` (400s), ``in_flight`` and ``peak_in_flight`` (requests being
+handled at once); ``reset_stats()`` zeroes it.
+
 The model is not a language model. It writes template prose that varies with
 the topic, and it plays the four roles of the pipeline (writer, critic,
 reviser, summariser) well enough to make the control flow real:
@@ -40,8 +68,9 @@ If a topic holds both, ``(unreviewable)`` wins. Nothing else changes: writer,
 reviser and summariser answer as for any topic, and the valid critique is the
 one any other topic would get for the same report.
 
-Same request, same reply, every run: nothing here reads a clock or a random
-source. Learners read ``pipeline.py``; this module is machinery.
+Same request, same reply, every run: the model reads no clock and no random
+source (only the server's budget reads its clock). Learners read ``pipeline.py``;
+this module is machinery.
 """
 
 from __future__ import annotations
@@ -52,9 +81,11 @@ import hashlib
 import json
 import math
 import re
+import statistics
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -588,6 +619,128 @@ def openai_client(transport: httpx2.AsyncBaseTransport, **options: Any) -> Any:
 # --------------------------------------------------------------------------- loopback HTTP server
 
 
+def format_duration(seconds: float) -> str:
+    """A duration as OpenAI writes it in ``x-ratelimit-reset-*`` (Go's style), rounded up to the millisecond.
+
+    ``0s``, ``12ms``, ``1s``, ``8.64s``, ``1m30.5s``, ``6m0s``, ``1h0m0s``.
+    """
+    millis = max(0, math.ceil(seconds * 1000 - 1e-6))
+    if millis == 0:
+        return "0s"
+    if millis < 1000:
+        return f"{millis}ms"
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    secs = f"{millis // 1000}.{millis % 1000:03d}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def jitter_factor(raw_body: bytes, jitter: float) -> float:
+    """The factor a reply's latency is multiplied by: lognormal with median 1 and ``sigma = jitter``.
+
+    Drawn from the request body's SHA-256 (no random state), so the same request always waits the
+    same time; clipped at three sigma, so it lies in ``[exp(-3 * jitter), exp(3 * jitter)]``.
+    """
+    if jitter <= 0:
+        return 1.0
+    digest = hashlib.sha256(b"jitter:" + raw_body).digest()
+    uniform = (int.from_bytes(digest[:8], "big") + 0.5) / 2**64  # strictly inside (0, 1)
+    z = max(-3.0, min(3.0, statistics.NormalDist().inv_cdf(uniform)))
+    return math.exp(jitter * z)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The token bucket's answer to one request."""
+
+    allowed: bool
+    remaining: int  # whole requests the bucket would admit right now, after this one
+    retry_after: float  # seconds until the next token (0.0 when a token is available now)
+    reset: float  # seconds until the bucket is full again
+
+
+class TokenBucket:
+    """``capacity`` tokens, refilled at ``rate`` tokens per second; each admitted request takes one.
+
+    Thread-safe. ``clock`` (seconds, monotonic) is injectable, so tests need no sleeps.
+    """
+
+    EPSILON = 1e-9  # float noise: 0.1 s at 10 tokens/s refills one whole token
+
+    def __init__(self, rate: float, capacity: int, clock: Callable[[], float] = time.monotonic) -> None:
+        if rate <= 0:
+            raise ValueError(f"rate must be positive, got {rate}")
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self.rate, self.capacity, self.clock = rate, capacity, clock
+        self._lock = threading.Lock()
+        self._tokens = float(capacity)
+        self._updated = clock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self._tokens = min(float(self.capacity), self._tokens + max(0.0, now - self._updated) * self.rate)
+        self._updated = now
+
+    def _admission(self, allowed: bool) -> Admission:
+        tokens = self._tokens
+        remaining = math.floor(tokens + self.EPSILON)
+        retry_after = 0.0 if remaining >= 1 else max(0.0, (1.0 - tokens) / self.rate)
+        return Admission(allowed, remaining, retry_after, max(0.0, (self.capacity - tokens) / self.rate))
+
+    def take(self) -> Admission:
+        """Take a token if there is one: ``allowed`` says whether the request may proceed."""
+        with self._lock:
+            self._refill()
+            if self._tokens + self.EPSILON >= 1.0:
+                self._tokens = max(0.0, self._tokens - 1.0)
+                return self._admission(True)
+            return self._admission(False)
+
+    def peek(self) -> Admission:
+        """The bucket's state now, taking nothing (``allowed``: would a request be admitted)."""
+        with self._lock:
+            self._refill()
+            return self._admission(self._tokens + self.EPSILON >= 1.0)
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    """What an ``OfflineServer`` has seen, counted over ``/chat/completions`` requests only."""
+
+    requests: int = 0  # chat-completion requests received
+    rate_limited: int = 0  # of those, answered 429 (over the budget)
+    completions: int = 0  # answered 200 with a completion
+    errors: int = 0  # answered 400 (a body the model refuses)
+    in_flight: int = 0  # being handled right now (from arrival until its reply is ready to send)
+    peak_in_flight: int = 0  # the most ever handled at once
+
+
+def _number(value: float) -> str:
+    """300.0 as ``300``, 0.5 as ``0.5``."""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def rate_limit_error(requests_per_minute: float, burst: int, retry_after: float) -> dict[str, Any]:
+    """The body of a 429, worded like OpenAI's."""
+    return {
+        "error": {
+            "message": (
+                f"Rate limit reached for requests per min (RPM) on {MODEL_VERSION}: "
+                f"Limit: {_number(requests_per_minute)} / min, burst {burst}. "
+                f"Please try again in {format_duration(retry_after)}."
+            ),
+            "type": "requests",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+    }
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # without it every reply waits ~40 ms on delayed ACKs
@@ -613,25 +766,129 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+def default_burst(requests_per_minute: float) -> int:
+    """Ten seconds' worth of the budget, at least one: 50 for 300 requests/minute."""
+    return max(1, math.ceil(requests_per_minute / 6))
+
+
 class OfflineServer:
     """The offline model on ``http://127.0.0.1:<port>/v1``; ``port=0`` picks a free one.
 
+    * ``latency``, ``per_token_latency``: seconds slept per completion (fixed, and per generated token).
+    * ``jitter``: sigma of a lognormal factor on that latency (median 1, clipped at 3 sigma), drawn
+      from the request body's hash: the same request waits the same time (``jitter_factor``).
+    * ``requests_per_minute``: a budget over ``/chat/completions`` requests (``None``: unlimited), as a
+      token bucket of ``burst`` tokens (default ``default_burst``: ten seconds' worth) refilled at
+      ``requests_per_minute / 60`` per second. Over it: 429, ``rate_limit_error``'s body,
+      ``retry-after-ms`` and ``retry-after`` (the time until the next token). ``GET /models`` is free.
+    * ``ratelimit_headers``: with a budget, every chat-completion reply (200, 400 and 429) carries
+      ``x-ratelimit-limit-requests`` (the budget per minute), ``x-ratelimit-remaining-requests``
+      (whole tokens left in the bucket after this request) and ``x-ratelimit-reset-requests`` (until
+      the bucket is full again, as ``format_duration`` writes it).
+    * ``clock``: the bucket's clock (seconds, monotonic), for tests.
+
+    ``stats()`` is a snapshot of the counters (``ServerStats``); ``reset_stats()`` zeroes them.
     Subclasses can override ``handle`` to shape replies (tests inject faults this way).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, latency: float = 0.0,
-                 per_token_latency: float = 0.0) -> None:
-        self.latency, self.per_token_latency = latency, per_token_latency
+                 per_token_latency: float = 0.0, *, requests_per_minute: float | None = None,
+                 burst: int | None = None, ratelimit_headers: bool = False, jitter: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if jitter < 0:
+            raise ValueError(f"jitter must not be negative, got {jitter}")
+        if requests_per_minute is None and (burst is not None or ratelimit_headers):
+            raise ValueError("burst and ratelimit_headers need a budget (requests_per_minute)")
+        if requests_per_minute is not None and requests_per_minute <= 0:
+            raise ValueError(f"requests_per_minute must be positive, got {requests_per_minute}")
+        self.latency, self.per_token_latency, self.jitter = latency, per_token_latency, jitter
+        self.requests_per_minute = requests_per_minute
+        self.ratelimit_headers = ratelimit_headers
+        self.bucket: TokenBucket | None = None
+        if requests_per_minute is not None:
+            burst = default_burst(requests_per_minute) if burst is None else burst
+            self.bucket = TokenBucket(requests_per_minute / 60, burst, clock)
+        self._stats_lock = threading.Lock()
+        self._stats = ServerStats()
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.owner = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
 
+    @property
+    def burst(self) -> int | None:
+        return self.bucket.capacity if self.bucket else None
+
+    # ----------------------------------------------------------------- counters
+
+    def stats(self) -> ServerStats:
+        with self._stats_lock:
+            return self._stats
+
+    def reset_stats(self) -> None:
+        """Zero the counters (requests in flight stay counted, so the peak restarts from them)."""
+        with self._stats_lock:
+            self._stats = ServerStats(in_flight=self._stats.in_flight, peak_in_flight=self._stats.in_flight)
+
+    def _count(self, **changes: int) -> None:
+        with self._stats_lock:
+            counts = {name: getattr(self._stats, name) + change for name, change in changes.items()}
+            peak = max(self._stats.peak_in_flight, counts.get("in_flight", 0))
+            self._stats = replace(self._stats, **counts, peak_in_flight=peak)
+
+    # ----------------------------------------------------------------- the budget
+
+    def admit(self) -> tuple[Admission | None, dict[str, str]]:
+        """Take a token for one chat-completion request: (the admission or None if unlimited, headers to send)."""
+        if self.bucket is None:
+            return None, {}
+        admission = self.bucket.take()
+        headers = {}
+        if self.ratelimit_headers:
+            headers.update({
+                "x-ratelimit-limit-requests": _number(self.requests_per_minute or 0),
+                "x-ratelimit-remaining-requests": str(admission.remaining),
+                "x-ratelimit-reset-requests": format_duration(admission.reset),
+            })
+        if not admission.allowed:
+            headers["retry-after-ms"] = str(max(1, math.ceil(admission.retry_after * 1000 - 1e-6)))
+            headers["retry-after"] = str(max(1, math.ceil(admission.retry_after - 1e-9)))
+        return admission, headers
+
+    def delay_for(self, raw_body: bytes, payload: dict[str, Any]) -> float:
+        """Seconds to wait before sending this completion: the latency, times the jitter factor."""
+        return simulated_latency(payload, self.latency, self.per_token_latency) * jitter_factor(raw_body, self.jitter)
+
+    # ----------------------------------------------------------------- serving
+
     def handle(self, handler: _Handler, method: str, raw_body: bytes) -> None:
-        status, payload = route(method, handler.path, raw_body)
+        if not (method == "POST" and handler.path.rstrip("/").endswith("/chat/completions")):
+            status, payload = route(method, handler.path, raw_body)
+            handler.reply(status, payload)
+            return
+        self._count(requests=1, in_flight=1)
+        counted = False
+        try:
+            status, payload, headers = self.answer_completion(handler.path, raw_body)
+            outcome = {200: "completions", 429: "rate_limited"}.get(status, "errors")
+            self._count(in_flight=-1, **{outcome: 1})  # before the reply: a client that has it sees final counts
+            counted = True
+            handler.reply(status, payload, headers)
+        finally:
+            if not counted:
+                self._count(in_flight=-1)
+
+    def answer_completion(self, path: str, raw_body: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """(status, body, headers) for one chat-completion request: the budget, the model, the latency."""
+        admission, headers = self.admit()
+        if admission is not None and not admission.allowed:
+            assert self.requests_per_minute is not None and self.bucket is not None
+            return 429, rate_limit_error(self.requests_per_minute, self.bucket.capacity,
+                                         admission.retry_after), headers
+        status, payload = route("POST", path, raw_body)
         if status == 200:
-            time.sleep(simulated_latency(payload, self.latency, self.per_token_latency))
-        handler.reply(status, payload)
+            time.sleep(self.delay_for(raw_body, payload))
+        return status, payload, headers
 
     @property
     def base_url(self) -> str:
@@ -656,15 +913,46 @@ class OfflineServer:
         self.stop()
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Serve the offline model as an OpenAI-compatible API.")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8765, help="port (0 picks a free one; default 8765)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait per completion")
     parser.add_argument("--latency-per-token", type=float, default=0.0, help="and seconds per generated token")
+    parser.add_argument("--jitter", type=float, default=0.0,
+                        help="sigma of a lognormal factor on the latency, fixed per request body (e.g. 0.5)")
+    parser.add_argument("--rpm", type=float, default=None,
+                        help="budget of chat-completion requests per minute (default: unlimited); over it, 429")
+    parser.add_argument("--burst", type=int, default=None,
+                        help="requests the budget admits at once (default: ten seconds' worth, rpm/6)")
+    parser.add_argument("--ratelimit-headers", action="store_true",
+                        help="send x-ratelimit-{limit,remaining,reset}-requests on every completion reply")
+    return parser
+
+
+def server_from_args(argv: list[str] | None = None) -> OfflineServer:
+    """The server the command line asks for (bound, not yet serving)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    server = OfflineServer(args.host, args.port, args.latency, args.latency_per_token)
+    if args.rpm is None and (args.burst is not None or args.ratelimit_headers):
+        parser.error("--burst and --ratelimit-headers need --rpm")
+    if args.rpm is not None and args.rpm <= 0:
+        parser.error("--rpm must be positive")
+    if args.burst is not None and args.burst < 1:
+        parser.error("--burst must be at least 1")
+    if args.jitter < 0:
+        parser.error("--jitter must not be negative")
+    return OfflineServer(args.host, args.port, args.latency, args.latency_per_token,
+                         requests_per_minute=args.rpm, burst=args.burst,
+                         ratelimit_headers=args.ratelimit_headers, jitter=args.jitter)
+
+
+def main(argv: list[str] | None = None) -> None:
+    server = server_from_args(argv)
     print(f"offline model {MODEL_VERSION} listening on {server.base_url}", flush=True)
+    if server.bucket is not None:
+        print(f"  budget: {_number(server.requests_per_minute or 0)} requests/minute, burst {server.burst}"
+              + (", x-ratelimit headers" if server.ratelimit_headers else ""), flush=True)
     print(f"  export OPENAI_BASE_URL={server.base_url} OPENAI_API_KEY=offline", flush=True)
     try:
         server.httpd.serve_forever(poll_interval=0.05)

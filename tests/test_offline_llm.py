@@ -4,6 +4,8 @@ and topic markers that make the critic fail on purpose."""
 from __future__ import annotations
 
 import json
+import math
+import statistics
 
 import pytest
 from pydantic import ValidationError
@@ -241,3 +243,305 @@ def test_markers_work_over_the_loopback_server_too():
         with urllib.request.urlopen(request, timeout=10) as response:
             reply = json.load(response)
     assert json.loads(reply["choices"][0]["message"]["content"])["score"] == 11
+
+
+# ----------------------------------------------------------------------------------------- a server with limits
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+WRITER_BODY = chat(pipeline.WRITER_PROMPT, "Topic: Cats\n\nWrite the report.")
+
+
+def post(client, body: dict | None = None):
+    return client.post("/chat/completions", json=body or WRITER_BODY)
+
+
+def limited_server(clock: FakeClock, **options):
+    options = {"requests_per_minute": 60, "burst": 2, "ratelimit_headers": True, "clock": clock, **options}
+    return offline_llm.OfflineServer(**options)
+
+
+def http_client(server):
+    import httpx2
+
+    return httpx2.Client(base_url=server.base_url, timeout=10)
+
+
+def test_the_bucket_admits_a_burst_then_refills_at_rpm_over_60_per_second():
+    clock = FakeClock()
+    bucket = offline_llm.TokenBucket(rate=120 / 60, capacity=3, clock=clock)
+    taken = [bucket.take() for _ in range(4)]
+    assert [a.allowed for a in taken] == [True, True, True, False]
+    assert [a.remaining for a in taken] == [2, 1, 0, 0]
+    assert [a.reset for a in taken] == pytest.approx([0.5, 1.0, 1.5, 1.5]), "until the bucket is full again"
+    assert taken[3].retry_after == pytest.approx(0.5), "two tokens a second: the next one in 0.5 s"
+    clock.advance(0.25)
+    refused = bucket.take()
+    assert not refused.allowed and refused.retry_after == pytest.approx(0.25), "a refused request takes nothing"
+    clock.advance(0.25)
+    assert bucket.take().allowed and not bucket.take().allowed
+    clock.advance(3600)
+    assert bucket.peek().remaining == 3, "the bucket never holds more than its capacity"
+    assert [bucket.take().allowed for _ in range(4)] == [True, True, True, False]
+
+
+def test_the_bucket_counts_float_refills_as_whole_tokens():
+    clock = FakeClock()
+    bucket = offline_llm.TokenBucket(rate=600 / 60, capacity=1, clock=clock)
+    for _ in range(50):
+        assert bucket.take().allowed
+        clock.advance(0.1)  # exactly one token at 10 per second, whatever the float noise
+
+
+def test_the_bucket_is_thread_safe():
+    import threading
+
+    bucket = offline_llm.TokenBucket(rate=1e-9, capacity=500)  # no refill to speak of
+    admitted = []
+
+    def take_many() -> None:
+        admitted.append(sum(bucket.take().allowed for _ in range(100)))
+
+    threads = [threading.Thread(target=take_many) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(admitted) == 500
+
+
+def test_the_default_burst_is_ten_seconds_of_budget():
+    assert offline_llm.default_burst(300) == 50
+    assert offline_llm.default_burst(60) == 10
+    assert offline_llm.default_burst(5) == 1
+    server = offline_llm.OfflineServer(requests_per_minute=300)
+    try:
+        assert server.burst == 50 and server.bucket.rate == 5
+    finally:
+        server.httpd.server_close()
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0, "0s"), (0.0004, "1ms"), (0.012, "12ms"), (0.999, "999ms"), (1, "1s"), (1.5, "1.5s"), (8.64, "8.64s"),
+    (59.9999, "1m0s"), (90.5, "1m30.5s"), (360, "6m0s"), (3600, "1h0m0s"), (3725.25, "1h2m5.25s"),
+])
+def test_durations_are_written_as_openai_does(seconds, text):
+    assert offline_llm.format_duration(seconds) == text
+
+
+def test_options_that_need_a_budget_are_refused_without_one():
+    for options in ({"burst": 3}, {"ratelimit_headers": True}, {"requests_per_minute": 0}, {"jitter": -1}):
+        with pytest.raises(ValueError):
+            offline_llm.OfflineServer(**options)
+
+
+def test_over_the_budget_a_429_with_retry_after_and_openais_error_body():
+    clock = FakeClock()
+    with limited_server(clock, ratelimit_headers=False) as server, http_client(server) as client:
+        assert [post(client).status_code for _ in range(2)] == [200, 200]
+        refused = post(client)
+        clock.advance(0.2505)
+        later = post(client)
+    assert refused.status_code == 429
+    assert refused.headers["retry-after-ms"] == "1000" and refused.headers["retry-after"] == "1"
+    assert refused.json() == {"error": {
+        "message": f"Rate limit reached for requests per min (RPM) on {offline_llm.MODEL_VERSION}: "
+                   "Limit: 60 / min, burst 2. Please try again in 1s.",
+        "type": "requests", "param": None, "code": "rate_limit_exceeded"}}
+    assert later.status_code == 429
+    assert later.headers["retry-after-ms"] == "750" and later.headers["retry-after"] == "1", "both rounded up"
+    assert "Please try again in 750ms." in later.json()["error"]["message"]
+    assert not any(name.startswith("x-ratelimit") for name in refused.headers), "only when asked for"
+
+
+def test_models_are_free_and_unlimited_servers_send_no_limit_headers():
+    clock = FakeClock()
+    with limited_server(clock, burst=1) as server, http_client(server) as client:
+        assert post(client).status_code == 200
+        assert [client.get("/models").status_code for _ in range(5)] == [200] * 5
+        assert post(client).status_code == 429
+        assert server.stats().requests == 2, "GET /models is not counted"
+    with offline_llm.OfflineServer() as server, http_client(server) as client:
+        replies = [post(client) for _ in range(20)]
+    assert {reply.status_code for reply in replies} == {200}
+    assert not any(name.startswith(("x-ratelimit", "retry-after")) for name in replies[-1].headers)
+
+
+def test_ratelimit_headers_count_down_and_reset():
+    clock = FakeClock()
+    with limited_server(clock, burst=3) as server, http_client(server) as client:
+        replies = [post(client) for _ in range(4)]
+        clock.advance(0.5)
+        half = post(client)
+        clock.advance(0.5)
+        one = post(client)
+        clock.advance(60)
+        full = post(client)
+        bad = post(client, {"messages": []})
+    headers = [(r.status_code, r.headers["x-ratelimit-limit-requests"], r.headers["x-ratelimit-remaining-requests"],
+                r.headers["x-ratelimit-reset-requests"]) for r in (*replies, half, one, full, bad)]
+    assert headers == [
+        (200, "60", "2", "1s"), (200, "60", "1", "2s"), (200, "60", "0", "3s"),
+        (429, "60", "0", "3s"),  # a 429 carries them too, with the retry-after headers
+        (429, "60", "0", "2.5s"),  # half a token back: the bucket is full 0.5 s sooner
+        (200, "60", "0", "3s"),  # a whole token, taken at once
+        (200, "60", "2", "1s"),  # a minute later the bucket is full again: it has reset
+        (400, "60", "1", "2s"),  # a refused body counts against the budget, as on OpenAI
+    ]
+    assert replies[3].headers["retry-after-ms"] == "1000"
+
+
+def test_the_openai_client_raises_rate_limit_error_on_the_429():
+    import asyncio
+
+    import openai
+
+    async def ask(base_url: str, retries: int) -> str:
+        client = openai.AsyncOpenAI(base_url=base_url, api_key="offline", max_retries=retries)
+        try:
+            reply = await client.chat.completions.create(**WRITER_BODY)
+            return reply.choices[0].message.content
+        finally:
+            await client.close()
+
+    clock = FakeClock()
+    with limited_server(clock, burst=1) as server:
+        assert asyncio.run(ask(server.base_url, 0)) == offline_llm.write_draft("Cats")
+        with pytest.raises(openai.RateLimitError) as caught:
+            asyncio.run(ask(server.base_url, 0))
+    error = caught.value
+    assert error.status_code == 429 and error.code == "rate_limit_exceeded" and error.type == "requests"
+    assert "Limit: 60 / min" in error.message
+    assert error.response.headers["retry-after-ms"] == "1000"
+    assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
+
+    # With retries, the client waits the retry-after-ms the server sent (100 ms at 600/min) and gets through.
+    with offline_llm.OfflineServer(requests_per_minute=600, burst=1) as server:
+        assert asyncio.run(ask(server.base_url, 0))
+        assert asyncio.run(ask(server.base_url, 2)) == offline_llm.write_draft("Cats")
+        stats = server.stats()
+    assert (stats.requests, stats.rate_limited, stats.completions) == (3, 1, 2)
+
+
+def test_jitter_is_deterministic_per_request_and_bounded():
+    bodies = [json.dumps(chat(pipeline.WRITER_PROMPT, f"Topic: topic {i}")).encode() for i in range(2000)]
+    factors = [offline_llm.jitter_factor(body, 0.5) for body in bodies]
+    assert factors == [offline_llm.jitter_factor(body, 0.5) for body in bodies], "same request, same wait"
+    low, high = math.exp(-1.5), math.exp(1.5)
+    assert all(low <= factor <= high for factor in factors), "clipped at three sigma"
+    assert 0.9 < statistics.median(factors) < 1.1, "centred on the latency"
+    assert min(factors) < 0.5 and max(factors) > 2, "spread out, so replies do not arrive in lockstep"
+    assert len(set(factors)) > 1990
+    assert offline_llm.jitter_factor(bodies[0], 0) == 1.0
+    smaller = [offline_llm.jitter_factor(body, 0.1) for body in bodies[:50]]
+    assert all(math.exp(-0.3) <= factor <= math.exp(0.3) for factor in smaller)
+
+    server = offline_llm.OfflineServer(latency=1.0, per_token_latency=0.01, jitter=0.5)
+    try:
+        payload = offline_llm.complete(json.loads(bodies[0]))
+        base = offline_llm.simulated_latency(payload, 1.0, 0.01)
+        assert server.delay_for(bodies[0], payload) == pytest.approx(base * factors[0])
+        assert server.delay_for(bodies[0], {"error": {}}) == 0.0, "errors come back at once"
+    finally:
+        server.httpd.server_close()
+
+
+def test_the_server_waits_the_jittered_latency():
+    import time
+
+    body = chat(pipeline.WRITER_PROMPT, "Topic: Cats")
+    raw = json.dumps(body).encode()
+    factor = offline_llm.jitter_factor(raw, 0.5)
+    with offline_llm.OfflineServer(latency=0.1, jitter=0.5) as server, http_client(server) as client:
+        started = time.perf_counter()
+        reply = client.post("/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+        elapsed = time.perf_counter() - started
+    assert reply.status_code == 200
+    assert elapsed >= 0.1 * factor - 0.005
+
+
+def test_counters_and_peak_in_flight():
+    from concurrent.futures import ThreadPoolExecutor
+
+    clock = FakeClock()
+    with limited_server(clock, burst=4, latency=0.4) as server, http_client(server) as client:
+        assert server.stats() == offline_llm.ServerStats()
+        with ThreadPoolExecutor(6) as pool:
+            statuses = sorted(reply.status_code for reply in pool.map(lambda _: post(client), range(6)))
+        assert statuses == [200, 200, 200, 200, 429, 429]
+        client.get("/models")
+        post(client, {"messages": []})
+        stats = server.stats()
+        assert stats == offline_llm.ServerStats(requests=7, rate_limited=3, completions=4, errors=0,
+                                                in_flight=0, peak_in_flight=stats.peak_in_flight)
+        assert 4 <= stats.peak_in_flight <= 6, "four completions waited their latency at the same time"
+        clock.advance(60)
+        assert post(client, {"messages": []}).status_code == 400
+        assert server.stats().errors == 1
+        server.reset_stats()
+        assert server.stats() == offline_llm.ServerStats()
+        post(client)
+        assert server.stats() == offline_llm.ServerStats(requests=1, completions=1, peak_in_flight=1)
+
+
+def test_cli_flags_parse_into_the_server():
+    server = offline_llm.server_from_args(
+        ["--port", "0", "--rpm", "120", "--burst", "4", "--jitter", "0.5", "--ratelimit-headers",
+         "--latency", "0.2", "--latency-per-token", "0.001"])
+    try:
+        settings = (server.requests_per_minute, server.burst, server.jitter, server.ratelimit_headers)
+        assert settings == (120, 4, 0.5, True)
+        assert (server.latency, server.per_token_latency) == (0.2, 0.001)
+        assert server.bucket.rate == 2
+    finally:
+        server.httpd.server_close()
+    server = offline_llm.server_from_args(["--port", "0", "--rpm", "300"])
+    try:
+        assert server.burst == 50 and not server.ratelimit_headers and server.jitter == 0
+    finally:
+        server.httpd.server_close()
+    server = offline_llm.server_from_args(["--port", "0"])
+    try:
+        assert server.bucket is None and server.burst is None
+    finally:
+        server.httpd.server_close()
+    for wrong in (["--burst", "3"], ["--ratelimit-headers"], ["--rpm", "0"], ["--rpm", "60", "--burst", "0"],
+                  ["--jitter", "-0.1"]):
+        with pytest.raises(SystemExit):
+            offline_llm.server_from_args(["--port", "0", *wrong])
+
+
+def test_the_command_line_server_enforces_its_budget():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = [sys.executable, "-m", "machinery.offline_llm", "--port", "0", "--rpm", "6", "--burst", "1",
+               "--ratelimit-headers"]
+    process = subprocess.Popen(command, cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, text=True)
+    try:
+        first = process.stdout.readline()
+        assert "listening on http://127.0.0.1:" in first
+        assert process.stdout.readline().strip() == "budget: 6 requests/minute, burst 1, x-ratelimit headers"
+        import httpx2
+
+        with httpx2.Client(base_url=first.split()[-1], timeout=10) as client:
+            ok, refused = post(client), post(client)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert ok.status_code == 200 and ok.headers["x-ratelimit-reset-requests"] == "10s"
+    assert refused.status_code == 429
+    assert 9000 < int(refused.headers["retry-after-ms"]) <= 10000 and refused.headers["retry-after"] == "10"
