@@ -1,6 +1,7 @@
 """Concurrency helpers for the model client layer.
 
-* ``InflightLimit``: a cap on concurrent work that holds across event loops.
+* ``InflightLimit``: a cap on concurrent work that holds across event loops, and can be resized
+  while work is in flight (``machinery.pacing`` moves it with what the server says).
 * ``Tally``: a thread-safe counter.
 """
 
@@ -17,7 +18,9 @@ class InflightLimit:
     ``asyncio.Semaphore`` belongs to one event loop, but a notebook awaits on
     the kernel's loop while Flyte runs tasks on a loop of its own: this limit
     is shared by every loop (and thread) in the process. Waiters are served
-    first come, first served.
+    first come, first served. ``resize`` changes the limit at any time: a larger
+    one lets waiters in at once; a smaller one lets current holders finish and
+    admits no one until fewer than the new limit hold a slot.
     """
 
     def __init__(self, limit: int) -> None:
@@ -34,6 +37,19 @@ class InflightLimit:
     @property
     def in_flight(self) -> int:
         return self._holders
+
+    def resize(self, limit: int) -> None:
+        """From now on at most ``limit`` holders (waiters are let in at once if it grew)."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        with self._lock:
+            self.limit = limit
+            self._admit_waiters()
+
+    def reset_peak(self) -> None:
+        """Start counting the peak again from the holders of now (a new batch)."""
+        with self._lock:
+            self.peak = self._holders
 
     async def __aenter__(self) -> None:
         loop = asyncio.get_running_loop()
@@ -57,6 +73,10 @@ class InflightLimit:
     async def __aexit__(self, *exc: object) -> None:
         self._release()
 
+    def release(self) -> None:
+        """Give back a slot taken with ``async with`` / ``__aenter__`` (for code that cannot await)."""
+        self._release()
+
     def _take(self) -> None:
         self._holders += 1
         self.peak = max(self.peak, self._holders)
@@ -64,13 +84,19 @@ class InflightLimit:
     def _release(self) -> None:
         with self._lock:
             self._holders -= 1
-            while self._waiters:
-                loop, waiter = self._waiters.popleft()
-                if loop.is_closed():
-                    continue
-                self._take()
+            self._admit_waiters()
+
+    def _admit_waiters(self) -> None:
+        """Hand free slots to the first waiters; under the lock."""
+        while self._waiters and self._holders < self.limit:
+            loop, waiter = self._waiters.popleft()
+            if loop.is_closed():
+                continue
+            self._take()
+            try:
                 loop.call_soon_threadsafe(self._grant, waiter)
-                return
+            except RuntimeError:  # the loop closed just now: nobody will take the slot
+                self._holders -= 1
 
     def _grant(self, waiter: asyncio.Future[None]) -> None:
         # A waiter cancelled after the handover gives its slot back itself (in __aenter__).
