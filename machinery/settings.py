@@ -26,10 +26,26 @@ class Settings:
     backend: str = "offline"  # "offline" or "openai" (any OpenAI-compatible server)
     model: str = "gpt-4o-mini"
     base_url: str | None = None  # None: the client's default, OPENAI_URL
-    max_concurrency: int = 8  # in-flight LLM requests, process-wide
+    # The most HTTP requests to the model in flight at once, process-wide: a ceiling, not a target.
+    # Below it an adaptive window (machinery/pacing.py) starts at 8 and finds what the server accepts:
+    # it halves on a 429, a 503 or a timeout and grows while replies succeed. The window protects
+    # rate-limited APIs; the ceiling protects sockets and servers that never push back. 64 keeps every
+    # request on one of the openai client's 100 kept-alive connections, lets a batching server (vLLM)
+    # fill its batches, and is more topics refining at once than a batch usually has. A slow local
+    # server that queues instead of refusing (Ollama on a CPU) wants about what it runs at once
+    # (OLLAMA_NUM_PARALLEL): its only signal is a timeout, after REPORT_REQUEST_TIMEOUT.
+    max_concurrency: int = 64
     reports_dir: Path = PROJECT_ROOT / "reports"
     request_timeout: float = 120.0  # seconds per HTTP request; CPU-hosted models are slow
-    client_retries: int = 3  # the openai client's own retries: 408, 409, 429, 5xx, timeouts
+    client_retries: int = 3  # the openai client's own retries: 408, 409, 5xx, timeouts (429s: see below)
+    # Seconds a batch waits on a rate limit without any request succeeding before a 429 becomes a
+    # per-topic error that Flyte does not retry (until then the pace waits 429s out; the client never
+    # sees them). A 429 means "wait", not "failed", as long as the server keeps serving; 10 minutes
+    # rides out several refills of a per-minute budget even at a new key's few requests per minute,
+    # while a spent daily quota, or a server asking for an hour, ends the batch within 10 minutes with a
+    # message that says so. Progress resets it, so a large batch paced for an hour never runs out.
+    # 0: fail on the first 429.
+    rate_limit_patience: float = 600.0
     offline_latency: float = 0.0  # seconds the offline model waits per reply, to mimic a real API
     offline_latency_per_token: float = 0.0  # and per generated token (e.g. 0.01 for ~100 tokens/s)
     reply_cache: Path | None = PROJECT_ROOT / ".reply-cache" / "replies.sqlite3"  # None: every call asks the model
@@ -61,6 +77,7 @@ class Settings:
             reports_dir=reports_dir,
             request_timeout=_seconds(env, "REPORT_REQUEST_TIMEOUT", cls.request_timeout),
             client_retries=_whole_number(env, "REPORT_CLIENT_RETRIES", cls.client_retries, minimum=0),
+            rate_limit_patience=_seconds(env, "REPORT_RATE_LIMIT_PATIENCE", cls.rate_limit_patience, minimum=0.0),
             offline_latency=_seconds(env, "REPORT_OFFLINE_LATENCY", cls.offline_latency, minimum=0.0),
             offline_latency_per_token=_seconds(
                 env, "REPORT_OFFLINE_LATENCY_PER_TOKEN", cls.offline_latency_per_token, minimum=0.0),

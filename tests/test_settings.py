@@ -26,6 +26,9 @@ KEY = "sk-canary-1234567890abcdef"
         ({"REPORT_REQUEST_TIMEOUT": "soon"}, "REPORT_REQUEST_TIMEOUT='soon'"),
         ({"REPORT_REQUEST_TIMEOUT": "0"}, "REPORT_REQUEST_TIMEOUT='0' must be a number of seconds"),
         ({"REPORT_RUN_HISTORY": "maybe"}, "REPORT_RUN_HISTORY='maybe' must be 'on' or 'off'"),
+        ({"REPORT_RATE_LIMIT_PATIENCE": "-1"},
+         "REPORT_RATE_LIMIT_PATIENCE='-1' must be a number of seconds, at least 0"),
+        ({"REPORT_RATE_LIMIT_PATIENCE": "a while"}, "REPORT_RATE_LIMIT_PATIENCE='a while'"),
     ],
 )
 def test_bad_settings_are_named(environ, expected):
@@ -45,7 +48,9 @@ def test_defaults_with_an_empty_environment():
     assert settings.backend == "offline" and settings.model_name == offline_llm.MODEL_VERSION
     assert settings.reply_cache == PROJECT_ROOT / ".reply-cache" / "replies.sqlite3"
     assert settings.reports_dir == PROJECT_ROOT / "reports"
-    assert settings.run_history is False and settings.client_retries == 3 and settings.max_concurrency == 8
+    assert settings.run_history is False and settings.client_retries == 3
+    assert settings.max_concurrency == 64, "a ceiling: the pace's window finds what the server takes below it"
+    assert settings.rate_limit_patience == 600.0
 
 
 def test_backend_defaults_follow_the_environment():
@@ -80,9 +85,11 @@ def test_numbers_and_switches_are_parsed():
     settings = Settings.from_env({
         "REPORT_MAX_CONCURRENCY": "3", "REPORT_CLIENT_RETRIES": "0", "REPORT_REQUEST_TIMEOUT": "2.5",
         "REPORT_OFFLINE_LATENCY": "0.2", "REPORT_OFFLINE_LATENCY_PER_TOKEN": "0.01", "REPORT_RUN_HISTORY": "On",
-        "REPORT_MODEL": "qwen2.5:1.5b",
+        "REPORT_MODEL": "qwen2.5:1.5b", "REPORT_RATE_LIMIT_PATIENCE": "90",
     })
     assert (settings.max_concurrency, settings.client_retries, settings.request_timeout) == (3, 0, 2.5)
+    assert settings.rate_limit_patience == 90.0
+    assert Settings.from_env({"REPORT_RATE_LIMIT_PATIENCE": "0"}).rate_limit_patience == 0.0, "0: fail on a 429"
     assert (settings.offline_latency, settings.offline_latency_per_token) == (0.2, 0.01)
     assert settings.run_history is True and settings.model == "qwen2.5:1.5b"
     assert Settings.from_env({"REPORT_RUN_HISTORY": "off"}).run_history is False
