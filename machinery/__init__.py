@@ -5,11 +5,13 @@ Layers, each importing only the ones above it in this list:
 * ``offline_llm``   the deterministic offline model: in-process transport and loopback server
 * ``settings``      environment variables -> ``Settings`` (checked, with clear errors)
 * ``records``       ``Record`` (pydantic, schema built once) and prompt text made from fields
-* ``concurrency``   ``InflightLimit`` (a cap across event loops) and ``Tally``
+* ``concurrency``   ``InflightLimit`` (a resizable cap across event loops) and ``Tally``
+* ``pacing``        ``Pace`` and ``PacedTransport``: an adaptive window of requests in flight, pauses
+                    shared by every request when the server rate-limits, patience, counters
 * ``reply_cache``   the reply cache: identical model requests answered from SQLite
-* ``runtime``       ``runtime``: the one owner of the process's state (settings, cap, clients,
+* ``runtime``       ``runtime``: the one owner of the process's state (settings, pace, clients,
                     reply cache, progress listeners), with ``configured`` and ``use_transport``
-* ``model_client``  ``complete``: one chat completion, capped, cached, metered, redacted;
+* ``model_client``  ``complete``: one chat completion, paced, cached, metered, redacted;
                     ``check_backend`` before a batch
 * ``cache_policy``  Flyte cache keys that cover the whole pipeline module and the model
 * ``inputs``        ``validate_batch`` and ``coerce_topics``

@@ -20,9 +20,10 @@ machinery/settings.py          test_settings.py
 machinery/runtime.py           test_runtime.py (clients per loop, configure/configured, use_transport,
                                listeners, Flyte init, task env vars and secrets, deploy dry run)
 machinery/concurrency.py       test_concurrency.py
+machinery/pacing.py            test_pacing.py (the window, shared pauses, budgets, patience, counters)
 machinery/records.py           test_records.py
 machinery/model_client.py      test_model_client.py (complete: cache, empty replies, redaction,
-                               metering; describe_error; check_backend)
+                               metering, a rate limit past patience; describe_error; check_backend)
 machinery/reply_cache.py       test_reply_cache.py
 machinery/cache_policy.py      test_cache_policy.py (keys; the CLI rerun/edit end to end)
 machinery/inputs.py            test_inputs.py
