@@ -5,7 +5,10 @@
 the way it
 
 * answers an identical earlier request from the reply cache (no request sent);
-* holds one of ``settings.max_concurrency`` slots while the request is in flight;
+* goes at the pace of ``runtime.pace`` (``machinery.pacing``): the client's transport holds each HTTP
+  attempt to the window of requests in flight and waits out the server's rate limits, so a 429
+  reaches ``complete`` only when the batch's patience has run out; it then becomes a
+  ``ServerLimitError`` that Flyte does not retry and that says what to change;
 * asks again when the model returns an empty reply (at most twice);
 * strips the API key from any error a server sends back;
 * adds the tokens spent to the active usage meter (see ``metering``).
@@ -22,8 +25,10 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import flyte.errors
 import openai
 
+from machinery import pacing
 from machinery.records import Record
 from machinery.reply_cache import CachedReply, request_key
 from machinery.runtime import runtime
@@ -88,6 +93,14 @@ class EmptyReplyError(RuntimeError):
     """The model answered with no text, more than once."""
 
 
+class ServerLimitError(flyte.errors.NonRecoverableError):
+    """The server's rate limit outlasted the batch's patience (code ``RateLimited``), or the account has
+    no credit left (``QuotaExceeded``). Retrying the task at once would meet the same limit, so Flyte won't."""
+
+    def __init__(self, message: str, code: str = "RateLimited") -> None:
+        super().__init__(message, code=code)
+
+
 async def complete(request: dict[str, Any]) -> str:
     """Send one chat-completion request body; return the reply's text."""
     cache, key = runtime.reply_cache(), request_key(runtime.settings.endpoint, request)
@@ -95,24 +108,27 @@ async def complete(request: dict[str, Any]) -> str:
         _record(Usage(cache_hits=1))
         return hit.content
     usage = Usage()
-    async with runtime.limit:
-        for _ in range(1 + EMPTY_REPLY_RETRIES):
-            runtime.requests_sent.add()
-            try:
-                response = await runtime.client().chat.completions.create(**request)
-            except openai.APIStatusError as error:  # a server may quote the key it rejected
-                raise type(error)(redact(error.message), response=error.response, body=None) from None
-            tokens = response.usage
-            usage += Usage(
-                requests=1,
-                prompt_tokens=tokens.prompt_tokens if tokens else 0,
-                completion_tokens=tokens.completion_tokens if tokens else 0,
-            )
-            text = response.choices[0].message.content or ""
-            if text.strip():
-                break
-        else:
-            raise EmptyReplyError(f"the model returned an empty reply {usage.requests} times in a row")
+    for _ in range(1 + EMPTY_REPLY_RETRIES):
+        runtime.requests_sent.add()
+        try:
+            response = await runtime.client().chat.completions.create(**request)
+        except openai.APIStatusError as error:
+            if (mark := error.response.headers.get(pacing.MARK)) is not None:  # the pace stopped waiting
+                message = runtime.pace.explain(error.response, runtime.settings.endpoint)
+                raise ServerLimitError(redact(message), "QuotaExceeded" if mark == "quota" else "RateLimited") from None
+            # A server may quote the key it rejected.
+            raise type(error)(redact(error.message), response=error.response, body=None) from None
+        tokens = response.usage
+        usage += Usage(
+            requests=1,
+            prompt_tokens=tokens.prompt_tokens if tokens else 0,
+            completion_tokens=tokens.completion_tokens if tokens else 0,
+        )
+        text = response.choices[0].message.content or ""
+        if text.strip():
+            break
+    else:
+        raise EmptyReplyError(f"the model returned an empty reply {usage.requests} times in a row")
     _record(usage)
     if cache is not None:
         cache.put(key, CachedReply(text, usage.prompt_tokens, usage.completion_tokens))

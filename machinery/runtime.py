@@ -1,7 +1,9 @@
 """The one owner of a process's runtime state: ``runtime``.
 
-It holds the settings in force and everything made from them: the cap on
-requests in flight, one model client per event loop, the reply cache, the
+It holds the settings in force and everything made from them: the pace of
+model requests (``runtime.pace``: the window of requests in flight, at most
+``max_concurrency``, and pauses when the server rate-limits; see
+``machinery.pacing``), one model client per event loop, the reply cache, the
 count of requests sent and the progress listeners. Nothing else in the project
 keeps state at module level.
 
@@ -17,6 +19,20 @@ keeps state at module level.
 * ``runtime.task_env_vars`` and ``runtime.openai_secrets(...)`` are the live
   values the task environments are declared with: they follow ``configure``,
   so a run or deploy ships the settings in force when it is made.
+* ``runtime.pace.start_batch()`` starts a batch's pacing counters and patience;
+  ``runtime.pace.stats()`` reads them (``PaceStats``). ``runtime.limit`` is the
+  pace's window (an ``InflightLimit``: ``.limit``, ``.peak``, ``.in_flight``).
+  Every model client sends through the pace (``pacing.PacedTransport`` around
+  the real transport, the offline model or the transport of ``use_transport``);
+  ``use_client`` bypasses it, HTTP and all.
+
+Progress events (``listening``) are dicts. A topic's: ``{"topic": "Cats", "step":
+"draft"}`` and the other steps pipeline.py emits. The batch's, when the server's
+rate limit pauses every request for more than a second (at most one per pause):
+``{"topic": None, "step": "rate-limited", "seconds": 2.0, "reason": "HTTP 429 from
+the server, retry after 2.0 s"}``; ``seconds`` is how long new requests will wait
+(rounded to 0.1 s) and ``reason`` says why, in words (a 429 or 503 and its
+retry-after, or the server's ``x-ratelimit-*`` budget being spent).
 """
 
 from __future__ import annotations
@@ -35,6 +51,7 @@ from openai import AsyncOpenAI
 
 from machinery import offline_llm
 from machinery.concurrency import InflightLimit, Tally
+from machinery.pacing import Pace, PacedHttpClient, PacedTransport
 from machinery.reply_cache import ReplyCache
 from machinery.settings import Settings
 
@@ -83,7 +100,8 @@ class Runtime:
 
     def _apply(self, settings: Settings) -> None:
         self._settings = settings
-        self.limit = InflightLimit(settings.max_concurrency)
+        # New settings, a new pace (as new clients): its window starts again below the new ceiling.
+        self.pace = Pace(settings.max_concurrency, settings.rate_limit_patience, on_pause=self._paused)
         # New settings, new clients (made on first use in each event loop).
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncOpenAI] = (
             weakref.WeakKeyDictionary()
@@ -117,16 +135,21 @@ class Runtime:
             client = self._clients[loop] = self._make_client()
         return client
 
+    @property
+    def limit(self) -> InflightLimit:
+        """The cap on model requests in flight, across event loops: the pace's current window."""
+        return self.pace.limit
+
     def _make_client(self) -> AsyncOpenAI:
         settings = self._settings
         common: dict[str, Any] = {"timeout": settings.request_timeout, "max_retries": settings.client_retries}
         if self._transport is not None:
-            return offline_llm.openai_client(self._transport, **common)
+            return offline_llm.openai_client(PacedTransport(self._transport, self.pace), **common)
         if settings.backend == "offline":
             transport = offline_llm.OfflineTransport(settings.offline_latency, settings.offline_latency_per_token)
-            return offline_llm.openai_client(transport, **common)
+            return offline_llm.openai_client(PacedTransport(transport, self.pace), **common)
         # The client reads OPENAI_API_KEY itself; base_url None means api.openai.com.
-        return AsyncOpenAI(base_url=settings.base_url, **common)
+        return AsyncOpenAI(base_url=settings.base_url, http_client=PacedHttpClient(self.pace), **common)
 
     @contextlib.contextmanager
     def use_transport(self, transport: httpx2.AsyncBaseTransport) -> Iterator[None]:
@@ -173,14 +196,17 @@ class Runtime:
         finally:
             self._listeners.remove(listener)
 
-    def emit(self, topic: str, step: str, **details: Any) -> None:
-        """Tell listeners where a topic is. Never prints."""
+    def emit(self, topic: str | None, step: str, **details: Any) -> None:
+        """Tell listeners where a topic is (``topic=None``: the whole batch). Never prints."""
         event = {"topic": topic, "step": step, **details}
         for listener in list(self._listeners):
             try:
                 listener(event)
             except Exception:  # a broken view must never break the pipeline
                 logger.exception("progress listener failed on %s", event)
+
+    def _paused(self, seconds: float, reason: str) -> None:
+        self.emit(None, "rate-limited", seconds=round(seconds, 1), reason=reason)
 
     # ------------------------------------------------------------------ Flyte and the console
 

@@ -1,12 +1,16 @@
-"""machinery/model_client.py: one chat completion (cached, retried on empty replies, redacted, metered),
-the error wording of reports, and the check made once before a batch."""
+"""machinery/model_client.py: one chat completion (paced, cached, retried on empty replies, redacted, metered),
+the error wording of reports, a rate limit past patience as one clear error, and the check made once before a
+batch."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections import Counter
 from typing import Any
 
+import flyte.errors
 import httpx2
 import openai
 import pytest
@@ -18,6 +22,7 @@ from machinery.model_client import (
     EMPTY_REPLY_RETRIES,
     BackendUnavailable,
     EmptyReplyError,
+    ServerLimitError,
     Usage,
     check_backend,
     complete,
@@ -213,6 +218,103 @@ def test_the_cache_file_never_holds_the_api_key(tmp_path, monkeypatch):
         assert server.requests == 2
     stored = b"".join(p.read_bytes() for p in tmp_path.glob("replies.sqlite3*"))
     assert len(stored) > 0 and CANARY.encode() not in stored
+
+
+# ----------------------------------------------------------------------------------------- rate limits
+
+
+class RateLimited(offline_llm.OfflineTransport):
+    """The offline model, except that requests about ``topic`` get a 429 (``headers``, ``body``) their first
+    ``times`` attempts (None: always). ``attempts`` counts attempts per topic."""
+
+    def __init__(self, topic: str, times: int | None = None, headers: dict[str, str] | None = None,
+                 body: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.topic, self.times = topic, times
+        self.headers = {"retry-after-ms": "100", "x-ratelimit-limit-requests": "300",
+                        "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s"} \
+            if headers is None else headers
+        self.body = body or {"error": {"message": "Rate limit reached for requests", "type": "requests",
+                                      "code": "rate_limit_exceeded"}}
+        self.attempts: Counter[str] = Counter()
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        topic = offline_llm.parse_request(json.loads(await request.aread())).topic
+        self.attempts[topic] += 1
+        if self.topic in topic and (self.times is None or self.attempts[topic] <= self.times):
+            return httpx2.Response(429, headers=self.headers, json=self.body)
+        return await super().handle_async_request(request)
+
+
+def test_429s_while_patience_lasts_are_waited_out_unseen():
+    transport = RateLimited("Cats", times=2)
+    with runtime.use_transport(transport), runtime.configured(reply_cache=None):
+        (text,), usage = run_metered(request("Cats"))
+    assert text == offline_llm.write_draft("Cats")
+    assert transport.attempts["Cats"] == 3 and usage.requests == 1, "two 429s, sent again by the pace, not the client"
+
+
+def test_a_429_past_patience_is_one_clear_error_that_flyte_will_not_retry(tmp_path):
+    transport = RateLimited("Doomed")
+    with runtime.configured(rate_limit_patience=0.25, client_retries=3, reply_cache=tmp_path / "replies.sqlite3"), \
+            runtime.use_transport(transport):
+        (done,), _ = run_metered(request("Cats"))
+        runtime.pace.start_batch()
+        started = time.monotonic()
+        with pytest.raises(ServerLimitError) as caught:
+            asyncio.run(complete(request("Doomed")))
+        elapsed = time.monotonic() - started
+        stats = runtime.pace.stats()
+        (again,), reused = run_metered(request("Cats"))
+    error = caught.value
+    assert isinstance(error, flyte.errors.NonRecoverableError) and error.code == "RateLimited"
+    assert transport.attempts["Doomed"] == 3, "paused 0.1 s twice, then the 429 went back: the client did not retry it"
+    assert (stats.rate_limited, stats.gave_up, stats.pauses) == (3, 1, 2) and elapsed < 1.0
+    described = describe_error(error)
+    assert described.startswith("RateLimited: The server at offline kept answering 429 (rate limited); its limit: "
+                                "300 requests (0 left, full again in 1s). No request has succeeded for 0.2 s (the "
+                                "server asks for 0.1 s more) and REPORT_RATE_LIMIT_PATIENCE is 0.25 s, so this call "
+                                "gives up")
+    for advice in ("paused 0.2 s in all", "REPORT_MAX_CONCURRENCY", "higher rate-limit tier", "reply cache"):
+        assert advice in described
+    assert again == done and (reused.requests, reused.cache_hits) == (0, 1), "the completed call is kept"
+
+
+def test_no_credit_left_fails_at_once_with_what_to_check():
+    body = {"error": {"message": "You exceeded your current quota", "type": "insufficient_quota",
+                      "code": "insufficient_quota"}}
+    transport = RateLimited("Cats", headers={}, body=body)
+    with runtime.use_transport(transport), pytest.raises(ServerLimitError) as caught:
+        asyncio.run(complete(request("Cats")))
+    assert caught.value.code == "QuotaExceeded" and transport.attempts["Cats"] == 1
+    assert describe_error(caught.value).startswith("QuotaExceeded: The server at offline answered 429 "
+                                                   "insufficient_quota")
+
+
+def test_a_429_from_a_client_without_the_pace_keeps_the_clients_rules():
+    """use_client bypasses HTTP and the pace: its RateLimitError is passed on as the client raised it."""
+
+    class Limited:
+        def __init__(self):
+            self.chat = self.completions = self
+
+        async def create(self, **request):
+            response = httpx2.Response(429, request=httpx2.Request("POST", "http://x.invalid"))
+            raise openai.RateLimitError("Rate limit reached", response=response, body=None)
+
+    with runtime.use_client(Limited()), pytest.raises(openai.RateLimitError):
+        asyncio.run(complete(request("Cats")))
+
+
+def test_requests_go_through_the_pace_over_real_http(api_key):
+    with offline_llm.OfflineServer(latency=0.02) as server, served_by(server, max_concurrency=3):
+        runtime.pace.start_batch()
+
+        async def many():
+            return await asyncio.gather(*(complete(request(f"Topic {i}")) for i in range(8)))
+
+        assert len(asyncio.run(many())) == 8
+        assert runtime.pace.stats().peak_in_flight == 3
 
 
 # ----------------------------------------------------------------------------------------- check_backend

@@ -17,14 +17,16 @@ import threading
 from types import SimpleNamespace
 
 import flyte
+import httpx2
 import pytest
 from conftest import ROOT, SCRATCH, subprocess_env
 from helpers import ScriptedTransport, scripted_model
 
 import pipeline
-from machinery import offline_llm
+from machinery import offline_llm, pacing
 from machinery.concurrency import InflightLimit
 from machinery.model_client import complete
+from machinery.pacing import INITIAL_WINDOW
 from machinery.runtime import Runtime, runtime
 from machinery.settings import Settings
 
@@ -44,7 +46,8 @@ def test_configure_changes_settings_from_now_on():
     changed = runtime.configure(max_concurrency=3, model="gpt-4.1")
     assert changed is runtime.settings and changed.max_concurrency == 3 and changed.model == "gpt-4.1"
     assert changed.backend == before.backend, "only the named fields change"
-    assert isinstance(runtime.limit, InflightLimit) and runtime.limit.limit == 3
+    assert isinstance(runtime.limit, InflightLimit) and runtime.limit.limit == 3, "the window starts under it"
+    assert runtime.pace.ceiling == 3 and runtime.pace.patience == changed.rate_limit_patience
     # the autouse fixture restores the settings after this test
 
 
@@ -60,11 +63,20 @@ def test_configured_restores_the_settings_after_the_block_even_on_failure():
         with runtime.configured(max_concurrency=5):
             assert runtime.limit.limit == 5
         assert runtime.settings is inside and runtime.limit.limit == 2
-    assert runtime.settings is before and runtime.limit.limit == before.max_concurrency
+    assert runtime.settings is before and runtime.pace.ceiling == before.max_concurrency
+    assert runtime.limit.limit == min(INITIAL_WINDOW, before.max_concurrency)
     with pytest.raises(RuntimeError, match="boom"), runtime.configured(backend="openai", model="x"):
         raise RuntimeError("boom")
     assert runtime.settings is before
     assert runtime.task_env_vars == before.task_env_vars()
+
+
+def test_new_settings_make_a_new_pace():
+    before = runtime.pace
+    with runtime.configured(rate_limit_patience=5.0, max_concurrency=20):
+        assert runtime.pace is not before and (runtime.pace.patience, runtime.pace.ceiling) == (5.0, 20)
+        assert runtime.limit is runtime.pace.limit and runtime.limit.limit == pacing.INITIAL_WINDOW
+    assert runtime.pace.ceiling == runtime.settings.max_concurrency
 
 
 # ----------------------------------------------------------------------------------------- clients
@@ -256,6 +268,34 @@ def test_listeners_get_the_events_of_their_block_only():
         raise ValueError("the run failed")
     runtime.emit("Cats", "after")
     assert len(events) == 1, "removed even when the block failed"
+
+
+class LimitedOnce(offline_llm.OfflineTransport):
+    """The offline model behind a server whose first answer is a 429 naming 200 ms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered = 0
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        self.answered += 1
+        if self.answered == 1:
+            return httpx2.Response(429, headers={"retry-after-ms": "200"}, json={"error": {"message": "slow down"}})
+        return await super().handle_async_request(request)
+
+
+def test_a_long_pause_is_one_event_for_the_whole_batch(monkeypatch):
+    monkeypatch.setattr(pacing, "ANNOUNCE_PAUSES_OVER", 0.1)  # a second in earnest
+    events = []
+
+    async def three():
+        return await asyncio.gather(*(complete(draft_request(f"Topic {i}")) for i in range(3)))
+
+    with runtime.configured(reply_cache=None), runtime.use_transport(LimitedOnce()), \
+            runtime.listening(events.append):
+        asyncio.run(three())
+    assert events == [{"topic": None, "step": "rate-limited", "seconds": 0.2,
+                       "reason": "HTTP 429 from the server, retry after 0.2 s"}]
 
 
 def test_a_batch_reports_every_step_to_its_listener(tmp_path):
