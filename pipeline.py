@@ -440,6 +440,7 @@ def run_batch(
     run_id = validate_run_id(run_id or dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     runtime.announce_backend()
     runtime.init_flyte()
+    runtime.pace.start_batch()  # this batch's 429s, pauses and peak in flight; its patience starts now
     inputs = dict(topics=topics, max_iterations=max_iterations, quality_threshold=quality_threshold,
                   report_date=report_date)
     with runtime.listening(on_event):
@@ -466,6 +467,7 @@ def run_batch(
         llm_usage=sum((part.usage for r in reports for part in (r.result, r.files) if made_now(part)), Usage()),
         cached_topics=[r.topic for r in reports if r.result and not made_now(r.result)],
         flyte_run_name=Path(run.url).name,
+        pacing=runtime.pace.stats(),
     ))
 # {{/docs-fragment run-batch}}
 

@@ -3,7 +3,8 @@
 ``save_run`` builds the run folder beside its final name and moves it into
 place at the end, so a crash leaves either the previous folder or the complete
 new one. ``summary.json`` is deterministic for the same inputs: no clock, no
-absolute paths.
+absolute paths; except ``totals.pacing``, which records how the server paced
+this run (429s, seconds paused, the most requests in flight).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from machinery.files import atomic_write_text, replace_dir, slugify, staging_dir_for
 from machinery.html_page import html_page
 from machinery.model_client import Usage
+from machinery.pacing import PaceStats
 
 REPORT_FILES = ("report.md", "report.html", "summary.txt")
 
@@ -35,6 +37,7 @@ class BatchResult:
     llm_usage: Usage  # spent by this run; a cache hit costs nothing
     cached_topics: list[str]
     flyte_run_name: str = ""  # where Flyte's local run history keeps this run
+    pacing: PaceStats = dataclasses.field(default_factory=PaceStats)  # 429s, pauses, peak in flight
 
     @property
     def index_path(self) -> Path:
@@ -93,7 +96,7 @@ def format_index_html(batch: BatchResult) -> str:
 
 
 def summary_document(batch: BatchResult) -> dict[str, Any]:
-    """summary.json: deterministic for the same inputs (no clock, no absolute paths)."""
+    """summary.json: deterministic for the same inputs (no clock, no absolute paths), but for ``totals.pacing``."""
     return {
         "run_id": batch.run_id,
         "report_date": batch.report_date,
@@ -105,6 +108,7 @@ def summary_document(batch: BatchResult) -> dict[str, Any]:
             "failed": sum(1 for r in batch.reports if not r.ok),
             "cached": len(batch.cached_topics),
             "llm_usage": batch.llm_usage.model_dump() | {"total_tokens": batch.llm_usage.total_tokens},
+            "pacing": batch.pacing.as_dict(),
         },
     }
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import flyte
+import httpx2
 import pytest
 from fault_server import FaultyServer
 from helpers import scripted_model, served_by
@@ -64,7 +65,9 @@ def test_summary_json_agrees_with_the_files(batch):
     assert [row["topic"] for row in summary["topics"]] == TOPICS
     assert summary["totals"] == {
         "topics": 5, "succeeded": 5, "failed": 0, "cached": 0, "llm_usage": summary["totals"]["llm_usage"],
+        "pacing": summary["totals"]["pacing"],
     }
+    assert summary["totals"]["pacing"]["rate_limited"] == summary["totals"]["pacing"]["paused_seconds"] == 0
     total_requests = 0
     for row in summary["topics"]:
         meta = pipeline.read_front_matter((batch.run_dir / row["files"]["report.md"]).read_text(encoding="utf-8"))
@@ -268,6 +271,33 @@ def test_the_pipeline_never_exceeds_its_concurrency_cap(tmp_path):
                                    run_id="cap", flyte_cache=False)
         assert runtime.limit.peak == 2
     assert [report.error for report in batch.reports] == [None] * 6
+
+
+class DoomedByRateLimit(offline_llm.OfflineTransport):
+    """The offline model, except that every request about a topic holding 'Doomed' gets a 429 (50 ms)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.limited = 0
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        if "Doomed" in offline_llm.parse_request(json.loads(await request.aread())).topic:
+            self.limited += 1
+            return httpx2.Response(429, headers={"retry-after-ms": "50"}, json={"error": {"message": "slow down"}})
+        return await super().handle_async_request(request)
+
+
+def test_a_rate_limit_past_patience_fails_its_topic_once_and_keeps_the_others(tmp_path):
+    transport = DoomedByRateLimit()
+    with runtime.configured(rate_limit_patience=0.2, reply_cache=None), runtime.use_transport(transport):
+        batch = pipeline.run_batch(["Cats", "Doomed topic", "Dogs"], max_iterations=1, output_dir=tmp_path,
+                                   run_id="limited", flyte_cache=False)
+    outcome = {r.topic: r for r in batch.reports}
+    assert outcome["Cats"].ok and outcome["Dogs"].ok
+    assert outcome["Doomed topic"].error.startswith("RateLimited: The server at offline kept answering 429")
+    pacing = json.loads(batch.summary_path.read_text(encoding="utf-8"))["totals"]["pacing"]
+    assert pacing["gave_up"] == 1, "one give-up: neither the client nor Flyte tried the topic again"
+    assert pacing["rate_limited"] == transport.limited >= 2 and pacing["paused_seconds"] >= 0.1
 
 
 # ----------------------------------------------------------------------------------------- caches

@@ -14,6 +14,7 @@ import pytest
 from flyte.io import Dir
 
 from machinery.model_client import Usage
+from machinery.pacing import PaceStats
 from machinery.run_output import (
     REPORT_FILES,
     BatchResult,
@@ -55,7 +56,9 @@ def batch(tmp_path) -> BatchResult:
     reports = [finished("Cats", work), failed("Doomed"), finished(HOSTILE, work, scores=(10,))]
     return BatchResult(run_id="r1", run_dir=tmp_path / "out" / "r1", report_date="2026-11-29", model="m",
                        reports=reports, llm_usage=Usage(requests=5, prompt_tokens=110, completion_tokens=55),
-                       cached_topics=[HOSTILE])
+                       cached_topics=[HOSTILE],
+                       pacing=PaceStats(rate_limited=2, pauses=1, paused_seconds=1.5, peak_in_flight=3, window=4,
+                                        ceiling=64))
 
 
 def test_rows_describe_every_topic(batch):
@@ -76,7 +79,10 @@ def test_summary_document_counts_and_holds_no_absolute_path(batch):
     summary = summary_document(batch)
     assert summary["totals"] == {"topics": 3, "succeeded": 2, "failed": 1, "cached": 1,
                                  "llm_usage": {"requests": 5, "cache_hits": 0, "prompt_tokens": 110,
-                                               "completion_tokens": 55, "total_tokens": 165}}
+                                               "completion_tokens": 55, "total_tokens": 165},
+                                 "pacing": {"rate_limited": 2, "unavailable": 0, "gave_up": 0, "pauses": 1,
+                                            "paused_seconds": 1.5, "peak_in_flight": 3, "window": 4,
+                                            "ceiling": 64}}
     assert [row["topic"] for row in summary["topics"]] == ["Cats", "Doomed", HOSTILE]
     assert str(batch.run_dir.parent.parent) not in json.dumps(summary)
 
