@@ -430,6 +430,10 @@ class ReportExplorer:
 
     def _on_event(self, event: dict[str, Any]) -> None:
         self.events.append(event)
+        if event["topic"] is None:  # about the whole batch: the server's rate limit holds every request
+            self.message.value = html.escape(
+                f"Waiting {event.get('seconds', 0):.1f} s for the server's rate limit ({event.get('reason', '')})")
+            return
         row = self.progress_rows.setdefault(
             event["topic"], {"step": "", "iteration": "", "score": "", "error": "", "done": 0})
         row["step"] = STEP_LABELS.get(event["step"], event["step"])

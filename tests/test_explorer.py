@@ -356,3 +356,12 @@ def traced_groups_in_pipeline() -> dict[str, tuple[str, str, frozenset[str]]]:
 
 def test_groups_of_traced_calls_match_pipeline_py():
     assert traced_groups_in_pipeline() == explorer.TRACED_GROUPS
+
+
+def test_a_rate_limit_pause_is_a_batch_message_not_a_topic_row():
+    ui = explorer.ReportExplorer(["Cats"])
+    ui._on_event({"topic": None, "step": "rate-limited", "seconds": 2.0,
+                  "reason": "HTTP 429 from the server, retry after 2.0 s <b>"})
+    assert None not in ui.progress_rows
+    assert "Waiting 2.0 s for the server&#x27;s rate limit" in ui.message.value
+    assert "<b>" not in ui.message.value, "the server's words are escaped"
