@@ -159,7 +159,13 @@ def test_claims_are_assertions_not_printed_booleans(path):
 def test_notebook_uses_no_removed_name(path):
     notebook = nbformat.read(path, as_version=4)
     sources = "\n".join(cell.source for cell in notebook.cells)
-    assert [name for name in REMOVED_NAMES if name in sources] == []
+    # An old import counts only as a statement of its own: `from machinery import offline_llm` is today's import.
+    def used(name: str) -> bool:
+        if name.startswith(("import ", "from ")):
+            return re.search(r"(?m)^\s*" + re.escape(name), sources) is not None
+        return name in sources
+
+    assert [name for name in REMOVED_NAMES if used(name)] == []
 
 
 @pytest.mark.slow
