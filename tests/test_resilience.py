@@ -43,6 +43,7 @@ def run_against(server: FaultyServer, topics: list[str], out: Path, run_id: str,
                                   output_dir=out, run_id=run_id, flyte_cache=False)
 
 
+@pytest.mark.slow  # a whole batch through a fault server's retries: seconds, not milliseconds
 def test_every_report_survives_a_30_percent_fault_rate_unchanged(tmp_path, api_key):
     with FaultyServer() as clean:
         reference = run_against(clean, TWENTY, tmp_path, "clean")
@@ -62,6 +63,7 @@ def test_every_report_survives_a_30_percent_fault_rate_unchanged(tmp_path, api_k
     assert [row["score_history"] for row in stormy.rows()] == [row["score_history"] for row in reference.rows()]
 
 
+@pytest.mark.slow  # a whole batch through a fault server's retries: seconds, not milliseconds
 def test_a_topic_beyond_every_retry_budget_fails_alone_and_clearly(tmp_path, api_key):
     topics = ["Cats", "Doomed topic", "Dogs"]
     with FaultyServer() as server:
