@@ -22,6 +22,7 @@ from helpers import served_by
 from scratch_project import make_scratch_project, scratch_environment
 
 import pipeline
+from machinery import offline_llm
 from machinery.reply_cache import request_key
 from machinery.run_output import REPORT_FILES
 
@@ -174,3 +175,54 @@ def test_a_canary_key_never_leaves_the_process(tmp_path):
     leaks = [str(p) for p in files if CANARY.encode() in p.read_bytes()]
     leaks += [f"output {i}" for i, text in enumerate(texts) if CANARY in text]
     assert leaks == []
+
+
+# ----------------------------------------------------------------------------------------- rate limits over HTTP
+
+FOUR = [f"Rate-limited topic {i}" for i in range(4)]
+
+
+@pytest.mark.slow  # real waits for a server's budget
+@pytest.mark.parametrize("headers", [True, False], ids=["x-ratelimit-headers", "only-429s"])
+def test_a_batch_against_a_budgeted_server_writes_every_topic_with_few_429s(tmp_path, api_key, headers):
+    # 600 requests a minute with a burst of 5: the batch's ~20 calls need about 1.5 s of the server's budget.
+    server = offline_llm.OfflineServer(requests_per_minute=600, burst=5, ratelimit_headers=headers, latency=0.01)
+    with server, served_by(server, model="gpt-4o-mini", reply_cache=None):
+        batch = pipeline.run_batch(FOUR, max_iterations=2, report_date="2026-11-29", output_dir=tmp_path,
+                                   run_id="budget", flyte_cache=False)
+    stats = server.stats()
+    assert [report.ok for report in batch.reports] == [True] * 4, [report.error for report in batch.reports]
+    if headers:
+        assert stats.rate_limited <= 2, "the headers let the pace space requests before a 429"
+    else:
+        # Without the headers the pace learns the limit from 429s alone: about one per completed call here,
+        # where the fixed cap of 8 and the client's retries got four per completed call (494 for 125).
+        assert stats.rate_limited <= 2 * stats.completions, "one 429 pauses everyone: no herd of retries"
+    assert batch.pacing.rate_limited == stats.rate_limited and batch.pacing.paused_seconds > 0
+    summary = json.loads(batch.summary_path.read_text(encoding="utf-8"))
+    assert summary["totals"]["pacing"]["rate_limited"] == stats.rate_limited
+
+
+@pytest.mark.slow
+def test_the_ceiling_holds_at_the_server(tmp_path, api_key):
+    server = offline_llm.OfflineServer(latency=0.05)
+    with server, served_by(server, model="gpt-4o-mini", reply_cache=None, max_concurrency=3):
+        batch = pipeline.run_batch(FOUR, max_iterations=2, output_dir=tmp_path, run_id="ceiling", flyte_cache=False)
+    assert all(report.ok for report in batch.reports)
+    assert 1 <= server.stats().peak_in_flight <= 3 and batch.pacing.peak_in_flight <= 3
+
+
+@pytest.mark.slow
+def test_a_budget_too_small_for_the_patience_fails_clearly_and_keeps_every_completed_call(tmp_path, api_key):
+    # Six requests a minute with a burst of 2: after two calls the server asks for a wait of about 10 s,
+    # longer than a patience of 1 s, so the waiting topics fail at once with a message that says what to do.
+    server = offline_llm.OfflineServer(requests_per_minute=6, burst=2)
+    cache = tmp_path / "replies.sqlite3"
+    with server, served_by(server, model="gpt-4o-mini", reply_cache=cache, rate_limit_patience=1.0):
+        batch = pipeline.run_batch(FOUR[:2], max_iterations=2, output_dir=tmp_path, run_id="impatient",
+                                   flyte_cache=False)
+    errors = [report.error for report in batch.reports if report.error]
+    assert errors and all(error.startswith("RateLimited: ") for error in errors), errors
+    assert all("REPORT_RATE_LIMIT_PATIENCE" in error for error in errors)
+    completed = server.stats().completions
+    assert completed >= 2 and len(stored_keys(cache)) == completed, "every completed call is in the reply cache"
