@@ -49,6 +49,20 @@ class CachedReply:
     completion_tokens: int
 
 
+def _switch_to_wal(connection: sqlite3.Connection, patience_s: float = 30.0) -> None:
+    """Put the file in WAL mode. SQLite answers "database is locked" at once, without waiting, when
+    another connection converts the same new file at that moment, so wait here."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class ReplyCache:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -61,7 +75,7 @@ class ReplyCache:
         connection = getattr(self._local, "connection", None)
         if connection is None:
             connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
-            connection.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(connection)
             connection.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable when the process dies
             self._local.connection = connection
         return connection

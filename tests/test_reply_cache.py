@@ -68,9 +68,9 @@ def test_each_thread_uses_its_own_connection(tmp_path):
     assert seen == [CachedReply("from main", 0, 0)]
 
 
-def _write_many(path: str, worker: int) -> None:
+def _write_many(path: str, worker: int, rows: int = 150) -> None:
     cache = ReplyCache(Path(path))
-    for i in range(150):
+    for i in range(rows):
         cache.put(f"shared-{i}", CachedReply(f"reply {i}", 1, 2))  # every worker writes these
         cache.put(f"own-{worker}-{i}", CachedReply(f"w{worker} {i}", 1, 2))
 
@@ -80,22 +80,34 @@ def stored_keys(path: Path) -> set[str]:
         return {row[0] for row in db.execute("SELECT key FROM replies")}
 
 
-def check_workers(path: str, workers: range) -> None:
+def check_workers(path: str, workers: range, rows: int = 150) -> None:
     assert ReplyCache(Path(path)).get("shared-7") == CachedReply("reply 7", 1, 2)
-    assert stored_keys(Path(path)) == {f"shared-{i}" for i in range(150)} | {
-        f"own-{w}-{i}" for w in workers for i in range(150)}
+    assert stored_keys(Path(path)) == {f"shared-{i}" for i in range(rows)} | {
+        f"own-{w}-{i}" for w in workers for i in range(rows)}
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
 def test_concurrent_writers_in_threads(tmp_path):
-    path = str(tmp_path / "replies.sqlite3")
-    threads = [threading.Thread(target=_write_many, args=(path, w)) for w in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    check_workers(path, range(4))
+    """Each round opens a new file from six threads at once: SQLite refuses a second connection's switch
+    to WAL without waiting, which the cache must absorb (without that, one round in ten or so failed)."""
+    failures: list[BaseException] = []
+
+    def worker(path: str, number: int) -> None:
+        try:
+            _write_many(path, number, rows=10)
+        except BaseException as error:  # a thread's exception would otherwise only be printed
+            failures.append(error)
+
+    for round_number in range(40):
+        path = str(tmp_path / f"replies-{round_number}.sqlite3")
+        threads = [threading.Thread(target=worker, args=(path, w)) for w in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert failures == []
+        check_workers(path, range(6), rows=10)
 
 
 @pytest.mark.slow
