@@ -11,11 +11,35 @@ replaced, in one of two ways:
   HTTP server, so ``OPENAI_BASE_URL=http://127.0.0.1:8765/v1`` works like any
   OpenAI-compatible server (Ollama, vLLM, llama.cpp).
 
+Both honour a reply limit as OpenAI does: a request with ``max_tokens`` (or
+``max_completion_tokens``) whose reply would be longer gets the reply cut to that many
+tokens' worth of text (four characters a token, at a word boundary when there is one),
+``finish_reason`` ``"length"`` and ``usage.completion_tokens`` equal to the limit. A
+cut critique is invalid JSON, as a real model's would be. A reply that fits is the
+same as without a limit; ``LONGEST_REPLY_TOKENS`` says how long replies get.
+
+The loopback server can behave like a small local model served by llama.cpp, so
+clients can be tested for bounded replies, model-name discovery and timeouts:
+
+* ``served_model`` / ``--served-model`` (repeatable): the name(s) ``GET /models``
+  lists instead of ``MODEL_VERSION``; every reply's ``model`` is the first one,
+  whatever name the request sent, as llama.cpp answers with the model it serves;
+* ``ramble`` / ``--ramble``, with ``context_tokens`` / ``--context-tokens`` (4096):
+  a request without a reply limit gets the reply, then its last paragraph over and
+  over until prompt and reply fill the context, ``finish_reason`` ``"length"`` (a
+  critique without a limit is cut-off JSON). Every reply is bounded by the context,
+  and a prompt that fills it gets llama.cpp's HTTP 400 (``exceed_context_size_error``);
+* the per-token latency below counts the tokens actually sent, after any cut: a
+  rambling reply is slow, a bounded one fast. ``python -m machinery.offline_llm
+  --served-model qwen2.5-0.5b-instruct-q4_k_m.gguf --ramble --per-token-latency 0.002``
+  stands in for ``llama-server``.
+
 The loopback server (``OfflineServer``, and the same options on the command line)
 can also behave like a remote, rate-limited API, for tests and benchmarks:
 
 * ``latency`` / ``--latency`` seconds per completion, plus ``per_token_latency`` /
-  ``--latency-per-token`` per generated token;
+  ``--latency-per-token`` (or ``--per-token-latency``) per generated token; a client
+  whose timeout is shorter gets no reply (``openai.APITimeoutError``), every time;
 * ``jitter`` / ``--jitter``: that latency times a lognormal factor (median 1, sigma
   ``jitter``, clipped at 3 sigma) drawn from the request body's hash, so replies do
   not arrive in lockstep yet the same request always waits the same time;
@@ -37,7 +61,9 @@ can also behave like a remote, rate-limited API, for tests and benchmarks:
 ``OfflineServer.stats()`` is a snapshot (``ServerStats``) of what the server saw:
 chat-completion ``requests`` received, ``rate_limited`` (429s sent), ``completions``
 served, ``errors`` (400s), ``in_flight`` and ``peak_in_flight`` (requests being
-handled at once); ``reset_stats()`` zeroes it.
+handled at once). ``received()`` lists the last ``RECEIVED_KEPT`` chat-completion
+requests (``ReceivedRequest``: the body, its role, the model named and the reply
+limit sent). ``reset_stats()`` zeroes the counters and empties that list.
 
 The model is not a language model. It writes template prose that varies with
 the topic, and it plays the four roles of the pipeline (writer, critic,
@@ -82,8 +108,10 @@ import json
 import math
 import re
 import statistics
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -524,9 +552,61 @@ def estimate_tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / 4))
 
 
-def complete(body: dict[str, Any]) -> dict[str, Any]:
-    """Answer one ``/v1/chat/completions`` request body with a complete response body."""
+# The longest reply each role gives, in estimated tokens: measured over drafts, ten rounds of critique and
+# revision, and summaries of every version, for the tutorial's topics and for topics up to the 200 characters
+# ``machinery.inputs`` allows. Replies grow with the topic's length, as the reports repeat it: for topics of up
+# to 40 characters the longest are 380 (writer), 1210 (reviser), 130 (critic) and 90 (summarizer). The longest
+# revisions come from 200-character topics with no spaces. A reply limit above these never cuts this model.
+LONGEST_REPLY_TOKENS = {"writer": 860, "reviser": 2730, "critic": 130, "summarizer": 210}
+
+
+class ContextExceededError(OfflineModelError):
+    """A prompt that leaves no room for a reply in a small model's context (llama.cpp's HTTP 400)."""
+
+    def __init__(self, prompt_tokens: int, context_tokens: int) -> None:
+        super().__init__(f"request ({prompt_tokens} tokens) exceeds the available context size "
+                         f"({context_tokens} tokens)")
+        self.prompt_tokens, self.context_tokens = prompt_tokens, context_tokens
+
+
+def reply_limit(body: dict[str, Any]) -> int | None:
+    """The most tokens the reply may have: ``max_completion_tokens``, else ``max_tokens``; None: no limit."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OfflineModelError(f"Invalid '{name}': expected an integer of at least 1, got {value!r}")
+        return value
+    return None
+
+
+def cut_to_tokens(text: str, tokens: int) -> str:
+    """The first ``tokens`` tokens' worth of ``text`` (four characters each), ending at a word boundary if any."""
+    head = text[: tokens * 4]
+    if len(head) < len(text) and not text[len(head)].isspace():
+        head = re.sub(r"\S+$", "", head) or head  # drop the cut word, unless it is all there is
+    return head.rstrip()
+
+
+def ramble(content: str, tokens: int) -> str:
+    """``content``, then its last paragraph over and over, to more than ``tokens`` tokens: a model that never stops."""
+    content = content.rstrip()
+    paragraph = content.rpartition("\n\n")[2]
+    repeats = math.ceil((tokens * 4 + 1 - len(content)) / (len(paragraph) + 2))
+    return content + f"\n\n{paragraph}" * max(0, repeats)
+
+
+def complete(body: dict[str, Any], *, served_model: str | None = None,
+             context_tokens: int | None = None) -> dict[str, Any]:
+    """Answer one ``/v1/chat/completions`` request body with a complete response body.
+
+    ``served_model``: the ``model`` every reply names (default: the one the request named).
+    ``context_tokens``: play a small local model with this context window (prompt and reply): without a reply
+    limit it rambles until the context is full; with one, the reply is cut at the limit or the context's end.
+    """
     request = parse_request(body)
+    limit = reply_limit(body)
     if request.role == "critic":
         content = json.dumps(critic_reply(request))
     elif request.role == "reviser":
@@ -536,15 +616,25 @@ def complete(body: dict[str, Any]) -> dict[str, Any]:
     else:
         content = write_draft(request.topic)
     prompt_tokens = sum(estimate_tokens(_message_text(m)) for m in body["messages"])
-    completion_tokens = estimate_tokens(content)
+    if context_tokens is not None:
+        room = context_tokens - prompt_tokens
+        if room < 1:
+            raise ContextExceededError(prompt_tokens, context_tokens)
+        if limit is None:
+            content = ramble(content, room)
+        limit = room if limit is None else min(limit, room)
+    completion_tokens, finish_reason = estimate_tokens(content), "stop"
+    if limit is not None and completion_tokens > limit:
+        # A real model stops generating at the limit: it reports the limit as its count, however the text ends.
+        content, completion_tokens, finish_reason = cut_to_tokens(content, limit), limit, "length"
     request_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
     return {
         "id": f"chatcmpl-offline-{request_hash}",
         "object": "chat.completion",
         "created": 0,
-        "model": body.get("model") or MODEL_VERSION,
+        "model": served_model or body.get("model") or MODEL_VERSION,
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}
         ],
         "usage": {
             "prompt_tokens": prompt_tokens,
@@ -554,21 +644,32 @@ def complete(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-MODELS_LIST = {"object": "list", "data": [{"id": MODEL_VERSION, "object": "model", "created": 0, "owned_by": "local"}]}
+def models_list(names: tuple[str, ...] = (MODEL_VERSION,)) -> dict[str, Any]:
+    """The body of ``GET /v1/models``, listing ``names``."""
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "local"}
+                                       for name in names]}
 
 
 def _error_body(message: str, kind: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind}}
 
 
-def route(method: str, path: str, raw_body: bytes) -> tuple[int, dict[str, Any]]:
-    """Serve one HTTP request: shared by the in-process transport and the loopback server."""
+def route(method: str, path: str, raw_body: bytes, *, served_models: tuple[str, ...] | None = None,
+          context_tokens: int | None = None) -> tuple[int, dict[str, Any]]:
+    """Serve one HTTP request: shared by the in-process transport and the loopback server.
+
+    ``served_models`` and ``context_tokens`` make it a small local model (see ``OfflineServer``).
+    """
     if method == "GET" and path.rstrip("/").endswith("/models"):
-        return 200, MODELS_LIST
+        return 200, models_list(served_models or (MODEL_VERSION,))
     if method == "POST" and path.rstrip("/").endswith("/chat/completions"):
         try:
             body = json.loads(raw_body or b"{}")
-            return 200, complete(body)
+            return 200, complete(body, served_model=served_models[0] if served_models else None,
+                                 context_tokens=context_tokens)
+        except ContextExceededError as error:
+            return 400, {"error": {"code": 400, "message": str(error), "type": "exceed_context_size_error",
+                                   "n_prompt_tokens": error.prompt_tokens, "n_ctx": error.context_tokens}}
         except (OfflineModelError, ValueError, KeyError, TypeError, AttributeError) as error:
             return 400, _error_body(str(error), "invalid_request_error")
     return 404, _error_body(f"no route for {method} {path}", "not_found")
@@ -720,6 +821,29 @@ class ServerStats:
     peak_in_flight: int = 0  # the most ever handled at once
 
 
+RECEIVED_KEPT = 1000  # chat-completion requests an OfflineServer remembers (the last ones)
+DEFAULT_CONTEXT_TOKENS = 4096  # a rambling OfflineServer's context, prompt and reply: a small local model's
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    """One chat-completion request as an ``OfflineServer`` received it (over the budget or refused ones too)."""
+
+    body: dict[str, Any]  # the parsed JSON body
+    role: str | None  # writer, critic, reviser or summarizer; None if the model cannot read the body
+    model: Any  # the model the request named, as sent (None if it named none)
+    max_tokens: Any  # the reply limit as sent: max_completion_tokens, else max_tokens (None: no limit)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> ReceivedRequest:
+        try:
+            role: str | None = parse_request(body).role
+        except (OfflineModelError, ValueError, KeyError, TypeError, AttributeError):
+            role = None
+        limit = body.get("max_completion_tokens")
+        return cls(body, role, body.get("model"), body.get("max_tokens") if limit is None else limit)
+
+
 def _number(value: float) -> str:
     """300.0 as ``300``, 0.5 as ``0.5``."""
     return str(int(value)) if float(value).is_integer() else str(value)
@@ -739,6 +863,15 @@ def rate_limit_error(requests_per_minute: float, burst: int, retry_after: float)
             "code": "rate_limit_exceeded",
         }
     }
+
+
+class _LoopbackHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True  # a reply still waiting out its latency does not hold up the process's exit
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # the client gave up (timed out, say) and closed its socket: nothing to report, as on a real server
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -774,7 +907,9 @@ def default_burst(requests_per_minute: float) -> int:
 class OfflineServer:
     """The offline model on ``http://127.0.0.1:<port>/v1``; ``port=0`` picks a free one.
 
-    * ``latency``, ``per_token_latency``: seconds slept per completion (fixed, and per generated token).
+    * ``latency``, ``per_token_latency``: seconds slept per completion (fixed, and per token in the reply as
+      sent, after any cut: a rambling reply is slow, a bounded one fast). A client whose timeout is shorter
+      gives up first, every time; the server drops the late reply quietly.
     * ``jitter``: sigma of a lognormal factor on that latency (median 1, clipped at 3 sigma), drawn
       from the request body's hash: the same request waits the same time (``jitter_factor``).
     * ``requests_per_minute``: a budget over ``/chat/completions`` requests (``None``: unlimited), as a
@@ -787,31 +922,53 @@ class OfflineServer:
       the bucket is full again, as ``format_duration`` writes it).
     * ``clock``: the bucket's clock (seconds, monotonic), for tests.
 
-    ``stats()`` is a snapshot of the counters (``ServerStats``); ``reset_stats()`` zeroes them.
+    A small local model, as llama.cpp serves one:
+
+    * ``served_model``: the name, or names, ``GET /models`` lists (default: ``MODEL_VERSION``). Every reply's
+      ``model`` is the first, whatever the request named.
+    * ``ramble``: a request without ``max_tokens`` (or ``max_completion_tokens``) gets the reply, then its
+      last paragraph repeated until prompt and reply fill ``context_tokens``, ``finish_reason`` ``"length"``.
+      Every reply ends at the context's end, and a prompt of ``context_tokens`` or more gets an HTTP 400
+      (``"type": "exceed_context_size_error"``). ``context_tokens`` means nothing without ``ramble``.
+
+    Every server, like the in-process transport, cuts a reply longer than the request's ``max_tokens``
+    (``finish_reason`` ``"length"``, ``completion_tokens`` equal to the limit).
+
+    ``stats()`` is a snapshot of the counters (``ServerStats``); ``received()`` the last ``RECEIVED_KEPT``
+    chat-completion requests (``ReceivedRequest``); ``reset_stats()`` zeroes the one and empties the other.
     Subclasses can override ``handle`` to shape replies (tests inject faults this way).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, latency: float = 0.0,
                  per_token_latency: float = 0.0, *, requests_per_minute: float | None = None,
                  burst: int | None = None, ratelimit_headers: bool = False, jitter: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, served_model: str | tuple[str, ...] | None = None,
+                 ramble: bool = False, context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> None:
         if jitter < 0:
             raise ValueError(f"jitter must not be negative, got {jitter}")
         if requests_per_minute is None and (burst is not None or ratelimit_headers):
             raise ValueError("burst and ratelimit_headers need a budget (requests_per_minute)")
         if requests_per_minute is not None and requests_per_minute <= 0:
             raise ValueError(f"requests_per_minute must be positive, got {requests_per_minute}")
+        served_models = (served_model,) if isinstance(served_model, str) else served_model
+        if served_models is not None and (not served_models or not all(served_models)):
+            raise ValueError(f"served_model must be one or more non-empty names, got {served_model!r}")
+        if context_tokens < 1:
+            raise ValueError(f"context_tokens must be at least 1, got {context_tokens}")
         self.latency, self.per_token_latency, self.jitter = latency, per_token_latency, jitter
         self.requests_per_minute = requests_per_minute
         self.ratelimit_headers = ratelimit_headers
+        self.served_models: tuple[str, ...] | None = served_models
+        self.ramble, self.context_tokens = ramble, context_tokens
         self.bucket: TokenBucket | None = None
         if requests_per_minute is not None:
             burst = default_burst(requests_per_minute) if burst is None else burst
             self.bucket = TokenBucket(requests_per_minute / 60, burst, clock)
         self._stats_lock = threading.Lock()
         self._stats = ServerStats()
-        self.httpd = ThreadingHTTPServer((host, port), _Handler)
-        self.httpd.daemon_threads = True
+        self._received: deque[ReceivedRequest] = deque(maxlen=RECEIVED_KEPT)
+        self._stopping = threading.Event()  # wakes replies still waiting out their latency when the server stops
+        self.httpd = _LoopbackHTTPServer((host, port), _Handler)
         self.httpd.owner = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
 
@@ -825,10 +982,29 @@ class OfflineServer:
         with self._stats_lock:
             return self._stats
 
+    def received(self) -> list[ReceivedRequest]:
+        """The last ``RECEIVED_KEPT`` chat-completion requests with a JSON object body, oldest first."""
+        with self._stats_lock:
+            return list(self._received)
+
     def reset_stats(self) -> None:
-        """Zero the counters (requests in flight stay counted, so the peak restarts from them)."""
+        """Zero the counters and forget the requests received.
+
+        Requests in flight stay counted, so the peak restarts from them.
+        """
         with self._stats_lock:
             self._stats = ServerStats(in_flight=self._stats.in_flight, peak_in_flight=self._stats.in_flight)
+            self._received.clear()
+
+    def _record(self, raw_body: bytes) -> None:
+        try:
+            body = json.loads(raw_body or b"{}")
+        except ValueError:
+            return  # not JSON: nothing a test could ask about; the reply is a 400
+        if isinstance(body, dict):
+            received = ReceivedRequest.from_body(body)
+            with self._stats_lock:
+                self._received.append(received)
 
     def _count(self, **changes: int) -> None:
         with self._stats_lock:
@@ -861,11 +1037,17 @@ class OfflineServer:
 
     # ----------------------------------------------------------------- serving
 
+    def serve(self, method: str, path: str, raw_body: bytes) -> tuple[int, dict[str, Any]]:
+        """``route``, as this server's model: the model it serves, and its context if it rambles."""
+        return route(method, path, raw_body, served_models=self.served_models,
+                     context_tokens=self.context_tokens if self.ramble else None)
+
     def handle(self, handler: _Handler, method: str, raw_body: bytes) -> None:
         if not (method == "POST" and handler.path.rstrip("/").endswith("/chat/completions")):
-            status, payload = route(method, handler.path, raw_body)
+            status, payload = self.serve(method, handler.path, raw_body)
             handler.reply(status, payload)
             return
+        self._record(raw_body)
         self._count(requests=1, in_flight=1)
         counted = False
         try:
@@ -885,9 +1067,9 @@ class OfflineServer:
             assert self.requests_per_minute is not None and self.bucket is not None
             return 429, rate_limit_error(self.requests_per_minute, self.bucket.capacity,
                                          admission.retry_after), headers
-        status, payload = route("POST", path, raw_body)
+        status, payload = self.serve("POST", path, raw_body)
         if status == 200:
-            time.sleep(self.delay_for(raw_body, payload))
+            self._stopping.wait(self.delay_for(raw_body, payload))
         return status, payload, headers
 
     @property
@@ -903,6 +1085,7 @@ class OfflineServer:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -914,11 +1097,25 @@ class OfflineServer:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Serve the offline model as an OpenAI-compatible API.")
+    parser = argparse.ArgumentParser(
+        description="Serve the offline model as an OpenAI-compatible API.",
+        epilog="As a stand-in for llama.cpp's llama-server: --served-model qwen2.5-0.5b-instruct-q4_k_m.gguf "
+               "--ramble --per-token-latency 0.002")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8765, help="port (0 picks a free one; default 8765)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait per completion")
-    parser.add_argument("--latency-per-token", type=float, default=0.0, help="and seconds per generated token")
+    parser.add_argument("--latency-per-token", "--per-token-latency", dest="latency_per_token", type=float,
+                        default=0.0, metavar="SECONDS",
+                        help="and seconds per token of the reply as sent (after a max_tokens cut)")
+    parser.add_argument("--served-model", dest="served_models", action="append", metavar="NAME",
+                        help="a model name GET /models lists, instead of the offline model's version (repeatable); "
+                             "every reply names the first, whatever the request asked for, like llama.cpp")
+    parser.add_argument("--ramble", action="store_true",
+                        help="like a small local model: a request without max_tokens gets the reply, then its last "
+                             "paragraph repeated until the context is full, finish_reason 'length'")
+    parser.add_argument("--context-tokens", type=int, default=None, metavar="N",
+                        help=f"the rambling model's context, prompt and reply (default {DEFAULT_CONTEXT_TOKENS}); "
+                             "a prompt that fills it gets HTTP 400")
     parser.add_argument("--jitter", type=float, default=0.0,
                         help="sigma of a lognormal factor on the latency, fixed per request body (e.g. 0.5)")
     parser.add_argument("--rpm", type=float, default=None,
@@ -942,9 +1139,17 @@ def server_from_args(argv: list[str] | None = None) -> OfflineServer:
         parser.error("--burst must be at least 1")
     if args.jitter < 0:
         parser.error("--jitter must not be negative")
+    if args.context_tokens is not None and not args.ramble:
+        parser.error("--context-tokens needs --ramble")
+    if args.context_tokens is not None and args.context_tokens < 1:
+        parser.error("--context-tokens must be at least 1")
+    if args.served_models and not all(args.served_models):
+        parser.error("--served-model needs a name")
     return OfflineServer(args.host, args.port, args.latency, args.latency_per_token,
                          requests_per_minute=args.rpm, burst=args.burst,
-                         ratelimit_headers=args.ratelimit_headers, jitter=args.jitter)
+                         ratelimit_headers=args.ratelimit_headers, jitter=args.jitter,
+                         served_model=tuple(args.served_models) if args.served_models else None,
+                         ramble=args.ramble, context_tokens=args.context_tokens or DEFAULT_CONTEXT_TOKENS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -953,6 +1158,10 @@ def main(argv: list[str] | None = None) -> None:
     if server.bucket is not None:
         print(f"  budget: {_number(server.requests_per_minute or 0)} requests/minute, burst {server.burst}"
               + (", x-ratelimit headers" if server.ratelimit_headers else ""), flush=True)
+    if server.served_models is not None:
+        print(f"  serving: {', '.join(server.served_models)}", flush=True)
+    if server.ramble:
+        print(f"  rambling: replies without max_tokens fill the {server.context_tokens}-token context", flush=True)
     print(f"  export OPENAI_BASE_URL={server.base_url} OPENAI_API_KEY=offline", flush=True)
     try:
         server.httpd.serve_forever(poll_interval=0.05)

@@ -530,18 +530,292 @@ def test_the_command_line_server_enforces_its_budget():
 
     command = [sys.executable, "-m", "machinery.offline_llm", "--port", "0", "--rpm", "6", "--burst", "1",
                "--ratelimit-headers"]
-    process = subprocess.Popen(command, cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, text=True)
-    try:
-        first = process.stdout.readline()
-        assert "listening on http://127.0.0.1:" in first
-        assert process.stdout.readline().strip() == "budget: 6 requests/minute, burst 1, x-ratelimit headers"
-        import httpx2
+    with subprocess.Popen(command, cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            first = process.stdout.readline()
+            assert "listening on http://127.0.0.1:" in first
+            assert process.stdout.readline().strip() == "budget: 6 requests/minute, burst 1, x-ratelimit headers"
+            import httpx2
 
-        with httpx2.Client(base_url=first.split()[-1], timeout=10) as client:
-            ok, refused = post(client), post(client)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+            with httpx2.Client(base_url=first.split()[-1], timeout=10) as client:
+                ok, refused = post(client), post(client)
+        finally:
+            process.terminate()
     assert ok.status_code == 200 and ok.headers["x-ratelimit-reset-requests"] == "10s"
     assert refused.status_code == 429
     assert 9000 < int(refused.headers["retry-after-ms"]) <= 10000 and refused.headers["retry-after"] == "10"
+
+
+# ----------------------------------------------------------------------------------------- reply limits
+
+
+def role_bodies(topic: str = "Why cats purr") -> dict[str, dict]:
+    """One request body per role, as the pipeline words them."""
+    draft = offline_llm.write_draft(topic)
+    improvements = "\n".join(f"- {item}" for item in offline_llm.critique(draft, topic)["improvements"])
+    return {
+        "writer": chat(pipeline.WRITER_PROMPT, f"Topic: {topic}\n\nWrite the report."),
+        "critic": chat(pipeline.CRITIC_PROMPT, f"Topic: {topic}\n\nReport to review:\n\n{draft}", json_mode=True),
+        "reviser": chat(pipeline.REVISER_PROMPT,
+                        f"Topic: {topic}\n\nImprovements to make:\n{improvements}\n\nCurrent report:\n\n{draft}"),
+        "summarizer": chat(pipeline.SUMMARY_PROMPT, f"Topic: {topic}\n\nReport to summarize:\n\n{draft}"),
+    }
+
+
+def content_of(reply: dict) -> str:
+    return reply["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("role", ["writer", "critic", "reviser", "summarizer"])
+@pytest.mark.parametrize("key", ["max_tokens", "max_completion_tokens"])
+def test_a_reply_longer_than_the_limit_is_cut_with_finish_reason_length(role, key):
+    body = role_bodies()[role]
+    whole = offline_llm.complete(body)
+    limit = whole["usage"]["completion_tokens"] // 2
+    reply = offline_llm.complete({**body, key: limit})
+    content = content_of(reply)
+    assert reply["choices"][0]["finish_reason"] == "length"
+    assert reply["usage"] == {"prompt_tokens": whole["usage"]["prompt_tokens"], "completion_tokens": limit,
+                              "total_tokens": whole["usage"]["prompt_tokens"] + limit}
+    assert content_of(whole).startswith(content) and offline_llm.estimate_tokens(content) <= limit
+    assert len(content) > limit * 4 - 40, "cut near the limit, not far before it"
+    assert content_of(whole)[len(content)].isspace(), "cut at a word boundary"
+    if role == "critic":
+        with pytest.raises(ValueError):
+            json.loads(content)  # a cut critique is unusable, as a real model's would be
+
+
+@pytest.mark.parametrize("role", ["writer", "critic", "reviser", "summarizer"])
+def test_a_reply_within_the_limit_is_unchanged(role):
+    body = role_bodies()[role]
+    whole = offline_llm.complete(body)
+    assert whole["choices"][0]["finish_reason"] == "stop"
+    for limit in (whole["usage"]["completion_tokens"], offline_llm.LONGEST_REPLY_TOKENS[role], None):
+        reply = offline_llm.complete({**body, "max_tokens": limit})
+        assert (reply["choices"], reply["usage"]) == (whole["choices"], whole["usage"])
+
+
+def test_max_completion_tokens_wins_over_max_tokens_as_on_openai():
+    body = role_bodies()["writer"]
+    assert offline_llm.complete({**body, "max_completion_tokens": 7, "max_tokens": 90})["usage"][
+        "completion_tokens"] == 7
+    assert offline_llm.reply_limit({"max_tokens": 90}) == 90 and offline_llm.reply_limit({}) is None
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 1.5, "10"])
+def test_a_limit_that_is_not_a_positive_integer_is_an_http_400(limit):
+    body = {**role_bodies()["writer"], "max_tokens": limit}
+    status, payload = offline_llm.route("POST", "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 400 and payload["error"]["message"].startswith("Invalid 'max_tokens'")
+
+
+def test_cutting_to_tokens():
+    assert offline_llm.cut_to_tokens("one two three four", 2) == "one two", "the word cut in half is dropped"
+    assert offline_llm.cut_to_tokens("one two three", 2) == "one two", "a cut at a space ends there"
+    assert offline_llm.cut_to_tokens("x" * 40, 3) == "x" * 12, "no word boundary: cut in the word"
+    assert offline_llm.cut_to_tokens("short", 9) == "short"
+
+
+def test_the_longest_replies_stay_within_the_documented_bounds():
+    """LONGEST_REPLY_TOKENS, which reply limits must stay above, over ten rounds for short and 200-character topics."""
+    topics = ["Quantum computing", "Why cats purr", "Remote work and small businesses", "The history of tea",
+              "Kubernetes cost optimisation", "日本の茶道", "x" * 200, "茶" * 200, ("tea and cats " * 20)[:200]]
+    longest = dict.fromkeys(offline_llm.LONGEST_REPLY_TOKENS, 0)
+    for topic in topics:
+        draft = offline_llm.write_draft(topic)
+        longest["writer"] = max(longest["writer"], offline_llm.estimate_tokens(draft))
+        for _ in range(10):
+            critique = offline_llm.critique(draft, topic)
+            longest["critic"] = max(longest["critic"], offline_llm.estimate_tokens(json.dumps(critique)))
+            longest["summarizer"] = max(longest["summarizer"],
+                                        offline_llm.estimate_tokens(offline_llm.summarize(draft)))
+            draft = offline_llm.revise(draft, topic, tuple(critique["improvements"]))
+            longest["reviser"] = max(longest["reviser"], offline_llm.estimate_tokens(draft))
+    assert all(longest[role] <= bound for role, bound in offline_llm.LONGEST_REPLY_TOKENS.items()), longest
+    assert longest["reviser"] > 0.99 * offline_llm.LONGEST_REPLY_TOKENS["reviser"], "the bound is not slack"
+
+
+def test_the_openai_client_sees_the_cut_through_the_in_process_transport():
+    import asyncio
+
+    async def ask():
+        client = offline_llm.openai_client(offline_llm.OfflineTransport())
+        try:
+            return await client.chat.completions.create(**role_bodies()["writer"], max_tokens=10)
+        finally:
+            await client.close()
+
+    reply = asyncio.run(ask())
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 10
+
+
+# ----------------------------------------------------------------------------------------- a small local model
+
+
+def test_a_rambling_model_fills_its_context_when_no_limit_is_sent():
+    for role, body in role_bodies().items():
+        whole = offline_llm.complete(body)
+        reply = offline_llm.complete(body, context_tokens=2048)
+        content, prompt_tokens = content_of(reply), reply["usage"]["prompt_tokens"]
+        assert reply["choices"][0]["finish_reason"] == "length", role
+        assert reply["usage"]["completion_tokens"] == 2048 - prompt_tokens
+        assert reply["usage"]["total_tokens"] == 2048
+        assert content.startswith(content_of(whole).rstrip()) and len(content) > (2048 - prompt_tokens) * 4 - 40
+        last_paragraph = content_of(whole).rstrip().rpartition("\n\n")[2]
+        assert content.count(last_paragraph) > 2, "it repeats itself"
+    with pytest.raises(ValueError):
+        json.loads(content_of(offline_llm.complete(role_bodies()["critic"], context_tokens=2048)))
+
+
+def test_a_rambling_model_stops_normally_within_a_limit_but_never_past_its_context():
+    body = role_bodies()["reviser"]
+    whole = offline_llm.complete(body)
+    bounded = offline_llm.complete({**body, "max_tokens": 1500}, context_tokens=4096)
+    assert bounded["choices"] == whole["choices"] and bounded["usage"] == whole["usage"]
+    prompt_tokens = whole["usage"]["prompt_tokens"]
+    room = 100
+    squeezed = offline_llm.complete({**body, "max_tokens": 1500}, context_tokens=prompt_tokens + room)
+    assert squeezed["choices"][0]["finish_reason"] == "length" and squeezed["usage"]["completion_tokens"] == room
+
+    status, payload = offline_llm.route("POST", "/v1/chat/completions", json.dumps(body).encode(),
+                                        context_tokens=prompt_tokens)
+    assert status == 400
+    assert payload["error"] == {
+        "code": 400, "message": f"request ({prompt_tokens} tokens) exceeds the available context size "
+                                f"({prompt_tokens} tokens)",
+        "type": "exceed_context_size_error", "n_prompt_tokens": prompt_tokens, "n_ctx": prompt_tokens}
+
+
+SMALL_MODEL = "qwen2.5-0.5b-instruct-q4_k_m.gguf"
+
+
+def test_a_small_local_model_server_names_its_model_and_rambles_like_llama_cpp():
+    import openai
+
+    body = role_bodies()["writer"]
+    with offline_llm.OfflineServer(served_model=SMALL_MODEL, ramble=True, context_tokens=1024) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="offline", max_retries=0)
+        models = [model.id for model in client.models.list()]
+        rambling = client.chat.completions.create(**body)
+        bounded = client.chat.completions.create(**{**body, "model": SMALL_MODEL}, max_tokens=1500)
+        cut = client.chat.completions.create(**body, max_completion_tokens=10)
+        client.close()
+        received = server.received()
+    assert models == [SMALL_MODEL]
+    assert {reply.model for reply in (rambling, bounded, cut)} == {SMALL_MODEL}, "whatever the request named"
+    assert rambling.choices[0].finish_reason == "length" and rambling.usage.total_tokens == 1024
+    assert bounded.choices[0].finish_reason == "stop" and bounded.choices[0].message.content == \
+        offline_llm.write_draft("Why cats purr")
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 10
+    assert [(r.role, r.model, r.max_tokens) for r in received] == [
+        ("writer", "m", None), ("writer", SMALL_MODEL, 1500), ("writer", "m", 10)]
+    assert received[1].body["messages"] == body["messages"]
+
+
+def test_several_served_models_are_listed_and_the_first_answers():
+    names = (SMALL_MODEL, "llama-3.2-1b-instruct-q4_k_m.gguf")
+    server = offline_llm.OfflineServer(served_model=names)
+    try:
+        assert server.serve("GET", "/v1/models", b"")[1]["data"] == [
+            {"id": name, "object": "model", "created": 0, "owned_by": "local"} for name in names]
+        status, payload = server.serve("POST", "/v1/chat/completions", json.dumps(role_bodies()["writer"]).encode())
+        assert status == 200 and payload["model"] == SMALL_MODEL
+        assert payload["choices"][0]["finish_reason"] == "stop", "without ramble, no rambling"
+    finally:
+        server.httpd.server_close()
+
+
+def test_the_latency_counts_the_tokens_sent_after_the_cut():
+    server = offline_llm.OfflineServer(latency=0.5, per_token_latency=0.01, ramble=True, context_tokens=2048)
+
+    def tokens_and_delay(limit: int | None) -> tuple[int, float]:
+        raw = json.dumps({**WRITER_BODY, "max_tokens": limit}).encode()
+        status, payload = server.serve("POST", "/v1/chat/completions", raw)
+        assert status == 200
+        return payload["usage"]["completion_tokens"], server.delay_for(raw, payload)
+
+    try:
+        rambled, slow = tokens_and_delay(None)
+        bounded, fast = tokens_and_delay(10)
+    finally:
+        server.httpd.server_close()
+    assert rambled == 2048 - offline_llm.complete(WRITER_BODY)["usage"]["prompt_tokens"] and bounded == 10
+    assert (slow, fast) == (pytest.approx(0.5 + 0.01 * rambled), pytest.approx(0.5 + 0.01 * 10))
+
+
+def test_a_slow_server_outlasts_a_short_client_timeout():
+    import time
+
+    import openai
+
+    with offline_llm.OfflineServer(latency=2) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="offline", timeout=0.5, max_retries=0)
+        started = time.perf_counter()
+        with pytest.raises(openai.APITimeoutError):
+            client.chat.completions.create(**WRITER_BODY)
+        elapsed = time.perf_counter() - started
+        client.close()
+        assert server.stats().requests == 1 and server.stats().completions == 0, "the reply is still waiting"
+    assert 0.45 <= elapsed < 1.5, "the client gave up at its timeout, long before the reply"
+
+
+def test_received_requests_are_kept_and_reset():
+    with offline_llm.OfflineServer() as server, http_client(server) as client:
+        post(client, {**WRITER_BODY, "max_tokens": 50})
+        post(client, {"messages": []})
+        client.post("/chat/completions", content=b"not json", headers={"Content-Type": "application/json"})
+        client.get("/models")
+        received = server.received()
+        server.reset_stats()
+        assert server.received() == [] and server.stats() == offline_llm.ServerStats()
+    assert [(r.role, r.model, r.max_tokens) for r in received] == [("writer", "m", 50), (None, None, None)]
+    assert offline_llm.RECEIVED_KEPT >= 100
+
+
+def test_small_model_options_are_checked():
+    for options in ({"served_model": ()}, {"served_model": ""}, {"served_model": ("a", "")}, {"context_tokens": 0}):
+        with pytest.raises(ValueError):
+            offline_llm.OfflineServer(**options)
+
+
+def test_small_model_cli_flags_parse_into_the_server():
+    server = offline_llm.server_from_args(
+        ["--port", "0", "--served-model", SMALL_MODEL, "--served-model", "other", "--ramble",
+         "--context-tokens", "2048", "--per-token-latency", "0.002"])
+    try:
+        assert (server.served_models, server.ramble, server.context_tokens) == ((SMALL_MODEL, "other"), True, 2048)
+        assert server.per_token_latency == 0.002
+    finally:
+        server.httpd.server_close()
+    server = offline_llm.server_from_args(["--port", "0", "--ramble"])
+    try:
+        assert (server.served_models, server.context_tokens) == (None, 4096)
+    finally:
+        server.httpd.server_close()
+    for wrong in (["--context-tokens", "2048"], ["--ramble", "--context-tokens", "0"], ["--served-model", ""]):
+        with pytest.raises(SystemExit):
+            offline_llm.server_from_args(["--port", "0", *wrong])
+
+
+def test_the_command_line_stands_in_for_llama_server():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx2
+
+    command = [sys.executable, "-m", "machinery.offline_llm", "--port", "0", "--served-model", SMALL_MODEL,
+               "--ramble", "--per-token-latency", "0.00001"]
+    with subprocess.Popen(command, cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            lines = [process.stdout.readline().strip() for _ in range(4)]
+            with httpx2.Client(base_url=lines[0].split()[-1], timeout=10) as client:
+                models = client.get("/models").json()
+                reply = post(client).json()
+        finally:
+            process.terminate()
+    assert lines[1:] == [f"serving: {SMALL_MODEL}", "rambling: replies without max_tokens fill the 4096-token context",
+                         f"export OPENAI_BASE_URL={lines[0].split()[-1]} OPENAI_API_KEY=offline"]
+    assert [model["id"] for model in models["data"]] == [SMALL_MODEL]
+    assert reply["model"] == SMALL_MODEL and reply["choices"][0]["finish_reason"] == "length"
+    assert reply["usage"]["total_tokens"] == 4096
