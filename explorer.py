@@ -229,7 +229,17 @@ STEP_LABELS = {
     "format": "formatting",
     "done": "done",
     "error": "failed",
+    # A model call's waits (machinery/model_client.py): shown in the step column until the next step.
+    "retrying": "retrying the {call} (attempt {attempt})",
+    "still-waiting": "waiting for the model ({seconds:.0f} s)",
+    "timed-out": "timed out",
+    "cut-off": "cut off",
 }
+
+
+def step_label(event: dict[str, Any]) -> str:
+    """What the step column shows for ``event``: its label, filled in from the event."""
+    return STEP_LABELS.get(event["step"], event["step"]).format_map(event)
 
 
 def topic_steps(max_iterations: int) -> int:
@@ -436,7 +446,7 @@ class ReportExplorer:
             return
         row = self.progress_rows.setdefault(
             event["topic"], {"step": "", "iteration": "", "score": "", "error": "", "done": 0})
-        row["step"] = STEP_LABELS.get(event["step"], event["step"])
+        row["step"] = step_label(event)
         row["iteration"] = event.get("iteration", row["iteration"])
         row["score"] = event.get("score", row["score"])
         row["error"] = event.get("error", row["error"])

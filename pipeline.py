@@ -44,10 +44,11 @@ from machinery.cache_policy import CodeAndModelPolicy, code_and_model
 from machinery.files import atomic_write_text, slugify
 from machinery.html_page import html_page
 from machinery.inputs import validate_batch, validate_run_id
-from machinery.model_client import BackendUnavailable, Usage, check_backend, complete, describe_error, metering
+from machinery.model_client import ReplyCutOff, Usage, check_backend, complete, describe_error, metering
+from machinery.progress import StepLines, print_notable
 from machinery.records import Record, describe_fields
 from machinery.run_output import BatchResult, missing_files, save_run
-from machinery.runtime import ProgressListener, runtime
+from machinery.runtime import BackendUnavailable, ProgressListener, runtime
 
 
 # {{docs-fragment prompts}}
@@ -127,19 +128,25 @@ driver_env = flyte.TaskEnvironment(
 
 # {{docs-fragment llm-call}}
 @flyte.trace
-async def call_llm(system: str, prompt: str, json_mode: bool = False) -> str:
-    """One chat completion. Traced: on a cluster, a retried task replays it from its checkpoint."""
+async def call_llm(topic: str, step: str, system: str, prompt: str, json_mode: bool = False) -> str:
+    """One chat completion for one step of a topic: "draft", "critique", "revision" or "summary".
+    Traced: on a cluster, a retried task replays it from its checkpoint."""
     request = {
-        "model": runtime.settings.model_name,
+        "model": runtime.model_name,  # REPORT_MODEL, or the one model a local server says it serves
         "messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
         "temperature": 0.2,
+        # A reply limit per step (REPORT_MAX_TOKENS_*): without one, a small local model writes until its
+        # context is full. (max_tokens, not max_completion_tokens: every OpenAI-compatible server takes it.)
+        "max_tokens": runtime.settings.reply_limit(step),
         # JSON mode: the server guarantees a JSON object (the critic's reply is still validated).
         **({"response_format": {"type": "json_object"}} if json_mode else {}),
     }
-    # Through the real openai client, with a cap on requests in flight, the reply cache
-    # (locally, it plays the checkpoint's role: an identical request is answered from disk)
-    # and token metering: see machinery/model_client.py.
-    return await complete(request)
+    # Through the real openai client: a cap on requests in flight, the reply cache (locally, it plays
+    # the checkpoint's role), retries within one deadline (REPORT_REQUEST_TIMEOUT), token metering and
+    # progress events: see machinery/model_client.py. A reply cut off at its limit (finish_reason
+    # "length") is unfinished: a text is asked for once more, shorter, then the topic fails with
+    # ReplyCutOff, naming the setting to raise; the critic's JSON gets a repair request (below).
+    return await complete(request, topic=topic, step=step, retry_shorter=not json_mode)
 # {{/docs-fragment llm-call}}
 
 
@@ -148,19 +155,19 @@ async def call_llm(system: str, prompt: str, json_mode: bool = False) -> str:
 # and inside it one action per call_llm. A retried task on a cluster replays both.
 @flyte.trace
 async def write_draft(topic: str) -> str:
-    return await call_llm(WRITER_PROMPT, f"Topic: {topic}\n\nWrite the report.")
+    return await call_llm(topic, "draft", WRITER_PROMPT, f"Topic: {topic}\n\nWrite the report.")
 
 
 @flyte.trace
 async def revise_draft(topic: str, draft: str, improvements: list[str]) -> str:
     todo = "\n".join(f"- {item}" for item in improvements) or "- Tighten the wording."
     prompt = f"Topic: {topic}\n\nImprovements to make:\n{todo}\n\nCurrent report:\n\n{draft}"
-    return await call_llm(REVISER_PROMPT, prompt)
+    return await call_llm(topic, "revision", REVISER_PROMPT, prompt)
 
 
 @flyte.trace
 async def summarize_report(topic: str, report: str) -> str:
-    return await call_llm(SUMMARY_PROMPT, f"Topic: {topic}\n\nReport to summarize:\n\n{report}")
+    return await call_llm(topic, "summary", SUMMARY_PROMPT, f"Topic: {topic}\n\nReport to summarize:\n\n{report}")
 # {{/docs-fragment traced-steps}}
 
 
@@ -174,25 +181,26 @@ class CritiqueError(flyte.errors.NonRecoverableError):
 
 @flyte.trace
 async def critique_draft(topic: str, draft: str) -> Critique:
-    """Ask for a JSON critique; one repair request, quoting the problem, if the reply does not validate."""
+    """Ask for a JSON critique; one repair request, quoting the problem, if the reply is invalid or cut off."""
     prompt = f"Topic: {topic}\n\nReport to review:\n\n{draft}"
-    reply = await call_llm(CRITIC_PROMPT, prompt, json_mode=True)
     try:
-        return Critique.model_validate_json(reply)
+        return Critique.model_validate_json(await call_llm(topic, "critique", CRITIC_PROMPT, prompt, json_mode=True))
     except ValidationError as error:
         problem = validation_summary(error)
+    except ReplyCutOff as cut:  # its JSON stops mid-way: as invalid as any other
+        problem = f"it was cut off at the limit of {cut.limit} tokens; keep every string short"
     repair = (
         f"Topic: {topic}\n\nYour previous reply could not be used: {problem}\n"
         f"Reply again with one JSON object with exactly the keys {', '.join(Critique.model_fields)}."
         f"\n\nReport to review:\n\n{draft}"
     )
     try:
-        return Critique.model_validate_json(await call_llm(CRITIC_PROMPT, repair, json_mode=True))
+        return Critique.model_validate_json(await call_llm(topic, "critique", CRITIC_PROMPT, repair, json_mode=True))
     except ValidationError as error:
-        raise CritiqueError(
-            f"The critic's reply for {topic!r} was invalid twice (after one repair request): "
-            f"{validation_summary(error)}"
-        ) from None
+        problem = validation_summary(error)
+    except ReplyCutOff as cut:
+        problem = f"the reply hit the limit of {cut.limit} tokens (raise {cut.setting} for longer replies)"
+    raise CritiqueError(f"The critic's reply for {topic!r} was invalid twice (after one repair request): {problem}")
 
 
 def validation_summary(error: ValidationError) -> str:
@@ -218,7 +226,7 @@ class RefineResult(Record):
     markdown: str
     history: list[Round]
     model: str
-    usage: Usage  # requests, cache hits and tokens this topic's refinement spent
+    usage: Usage  # requests (retries, timeouts, cut-offs), cache hits and tokens this topic's refinement spent
     produced_in_run: str = ""  # the Flyte run that made it: differs from the current one on a cache hit
 
     @property
@@ -230,7 +238,7 @@ class RefineResult(Record):
         return self.history[-1].score
 
 
-# retries=3: a task that fails (a dropped connection after the client's own retries) runs again.
+# retries=3: a task that fails (a 5xx after complete()'s own retries) runs again; a timeout never does.
 @llm_env.task(retries=3)
 async def refine_report(topic: str, max_iterations: int = 3, quality_threshold: int = 8) -> RefineResult:
     """Draft, then critique and revise until the score reaches the threshold or the rounds run out."""
@@ -250,7 +258,7 @@ async def refine_report(topic: str, max_iterations: int = 3, quality_threshold: 
                     break
                 runtime.emit(topic, "revise", iteration=iteration)
                 markdown = await revise_draft(topic, markdown, critique.improvements)
-    return RefineResult(topic=topic, markdown=markdown, history=history, model=runtime.settings.model_name,
+    return RefineResult(topic=topic, markdown=markdown, history=history, model=runtime.model_name,
                         usage=meter.total, produced_in_run=current_run())
 
 
@@ -440,10 +448,11 @@ def run_batch(
     run_id = validate_run_id(run_id or dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     runtime.announce_backend()
     runtime.init_flyte()
-    runtime.pace.start_batch()  # this batch's 429s, pauses and peak in flight; its patience starts now
+    runtime.start_batch()  # this batch's requests, tokens, 429s and pauses; its patience starts now
     inputs = dict(topics=topics, max_iterations=max_iterations, quality_threshold=quality_threshold,
                   report_date=report_date)
-    with runtime.listening(on_event):
+    # Besides on_event: a console line per wait worth knowing of (retry, slow reply, timeout, cut-off, rate limit).
+    with runtime.listening(on_event), runtime.listening(print_notable):
         # mode="local": even if a config with a cluster endpoint is found, this runs here.
         run = flyte.with_runcontext(mode="local", disable_run_cache=not flyte_cache).run(report_batch_pipeline,
                                                                                             **inputs)
@@ -462,9 +471,9 @@ def run_batch(
         run_id=run_id,
         run_dir=Path(output_dir or runtime.settings.reports_dir).expanduser().resolve() / run_id,
         report_date=report_date,
-        model=runtime.settings.model_name,
+        model=runtime.model_name,
         reports=reports,
-        llm_usage=sum((part.usage for r in reports for part in (r.result, r.files) if made_now(part)), Usage()),
+        llm_usage=Usage(**runtime.batch_usage.snapshot()),  # every call made, failed topics' too
         cached_topics=[r.topic for r in reports if r.result and not made_now(r.result)],
         flyte_run_name=Path(run.url).name,
         pacing=runtime.pace.stats(),
@@ -491,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         batch = run_batch(args.topics, max_iterations=args.max_iterations, quality_threshold=args.quality_threshold,
                           report_date=args.date, output_dir=args.out, run_id=args.run_id,
-                          flyte_cache=not args.no_cache)
+                          on_event=StepLines(), flyte_cache=not args.no_cache)  # a line per topic's step
     except (ValueError, BackendUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -10,9 +10,12 @@ Layers, each importing only the ones above it in this list:
                     shared by every request when the server rate-limits, patience, counters
 * ``reply_cache``   the reply cache: identical model requests answered from SQLite
 * ``runtime``       ``runtime``: the one owner of the process's state (settings, pace, clients,
-                    reply cache, progress listeners), with ``configured`` and ``use_transport``
-* ``model_client``  ``complete``: one chat completion, paced, cached, metered, redacted;
-                    ``check_backend`` before a batch
+                    reply cache, progress listeners, the model's name, the batch's counts),
+                    with ``configured`` and ``use_transport``
+* ``model_client``  ``complete``: one chat completion, paced, cached, retried within one deadline,
+                    metered, redacted; ``check_backend`` before a batch
+* ``progress``      progress events as console lines: ``print_notable`` (retries, waits, timeouts,
+                    cut-offs, rate limits) and ``StepLines`` (a topic's steps, for the CLI)
 * ``cache_policy``  Flyte cache keys that cover the whole pipeline module and the model
 * ``inputs``        ``validate_batch`` and ``coerce_topics``
 * ``files``         slugs, atomic writes and folder replacement

@@ -33,7 +33,8 @@ def _source_file(function: Any) -> str | None:
 def code_and_model(source_file: str | None) -> str:
     """A digest of ``source_file`` and of the model in force: what a cached result depends on."""
     settings = runtime.settings
-    return _digest(source_file, settings.backend, settings.model_name, settings.base_url or "")
+    # runtime.model_name: the model really served, so a new model behind the same URL is a new key.
+    return _digest(source_file, settings.backend, runtime.model_name, settings.base_url or "")
 
 
 @functools.cache  # asked for on every cache lookup; files and settings are few

@@ -1,27 +1,42 @@
 """The model client layer: one chat completion, with everything a learner need not read.
 
-``complete(request)`` sends one chat-completion request body through the real
-``openai`` client of the running event loop and returns the reply's text. On
-the way it
+``complete(request, topic=..., step=...)`` sends one chat-completion request body through the real
+``openai`` client of the running event loop and returns the reply's text. On the way it
 
 * answers an identical earlier request from the reply cache (no request sent);
 * goes at the pace of ``runtime.pace`` (``machinery.pacing``): the client's transport holds each HTTP
   attempt to the window of requests in flight and waits out the server's rate limits, so a 429
   reaches ``complete`` only when the batch's patience has run out; it then becomes a
   ``ServerLimitError`` that Flyte does not retry and that says what to change;
-* asks again when the model returns an empty reply (at most twice);
+* retries, itself (the ``openai`` client is made with ``max_retries=0``): a dropped connection, an
+  HTTP 408, 409 or 5xx, or an empty reply, at most ``REPORT_CLIENT_RETRIES`` times, after a growing
+  backoff (or the wait the server names; an empty reply at once);
+* gives every attempt of the call one shared deadline, ``REPORT_REQUEST_TIMEOUT`` seconds from the
+  start (each attempt's timeout is the time left), and turns a call out of time into a ``ModelTimeout``
+  that says what to change and that Flyte does not retry: a slow model never costs attempts x retries
+  x the timeout;
+* handles a reply that stopped at the request's ``max_tokens`` (``finish_reason`` ``"length"``): it is
+  never stored in the cache; with ``retry_shorter`` the request is sent once more with ``SHORTER`` added
+  to its instructions; then it raises ``ReplyCutOff``, naming the setting that raises the limit;
+* tells progress listeners, naming the topic and the step, when it retries, when a call has waited
+  ``STILL_WAITING_AFTER`` seconds, when it times out and when a reply is cut off (``runtime.emit``);
 * strips the API key from any error a server sends back;
-* adds the tokens spent to the active usage meter (see ``metering``).
+* adds what the call cost, failed attempts included, to the active usage meter (see ``metering``)
+  and to the batch's counts (``runtime.batch_usage``).
 
-It also holds the check made once before a batch (``check_backend``) and the
-error wording used in reports (``describe_error``).
+It also holds the check made once before a batch (``check_backend``) and the error wording used in
+reports (``describe_error``).
 """
 
 # No ``from __future__ import annotations``: Flyte resolves the annotations of ``Usage`` (a field
 # of the pipeline's results) on every conversion, and string annotations make that slower.
+import asyncio
 import contextlib
 import contextvars
+import functools
 import os
+import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,30 +46,34 @@ import openai
 from machinery import pacing
 from machinery.records import Record
 from machinery.reply_cache import CachedReply, request_key
-from machinery.runtime import runtime
+from machinery.runtime import BackendUnavailable, runtime
 
-EMPTY_REPLY_RETRIES = 2
+STILL_WAITING_AFTER = 10.0  # seconds a call waits before listeners hear it is still waiting (tests shorten it)
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 8.0  # seconds before a retry, doubling per attempt (the openai client's own)
+RETRIED_STATUSES = (408, 409)  # and every 5xx: the openai client's own choice
+# Added to the instructions of a text asked for again after a cut-off reply. About 0.75 words a token:
+# half the limit in words leaves room.
+SHORTER = "\nYour last reply was cut off at {limit} tokens: keep this one under {words} words."
 
 
 class Usage(Record):
-    """Requests sent, replies reused from the cache, tokens spent; adds up across calls, topics and runs."""
+    """What model calls cost: requests sent (every attempt), replies reused from the cache, tokens spent,
+    and the attempts that went wrong. Adds up across calls, topics and runs."""
 
     requests: int = 0
     cache_hits: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    retries: int = 0  # attempts after a call's first (a dropped connection, 408/409/5xx, an empty reply)
+    timed_out: int = 0  # calls that got no reply within REPORT_REQUEST_TIMEOUT
+    cut_off: int = 0  # replies that stopped at the reply limit (finish_reason "length")
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
     def __add__(self, other: "Usage") -> "Usage":
-        return Usage(
-            requests=self.requests + other.requests,
-            cache_hits=self.cache_hits + other.cache_hits,
-            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
-            completion_tokens=self.completion_tokens + other.completion_tokens,
-        )
+        return Usage(**{name: getattr(self, name) + getattr(other, name) for name in Usage.model_fields})
 
 
 # Usage travels beside the replies, not inside them: traced functions return plain text,
@@ -85,12 +104,13 @@ def metering() -> Iterator[UsageMeter]:
 
 
 def _record(usage: Usage) -> None:
+    runtime.batch_usage.add(usage.model_dump())
     if (meter := _active_meter.get()) is not None:
         meter.add(usage)
 
 
 class EmptyReplyError(RuntimeError):
-    """The model answered with no text, more than once."""
+    """The model answered with no text, on every attempt."""
 
 
 class ServerLimitError(flyte.errors.NonRecoverableError):
@@ -101,38 +121,129 @@ class ServerLimitError(flyte.errors.NonRecoverableError):
         super().__init__(message, code=code)
 
 
-async def complete(request: dict[str, Any]) -> str:
-    """Send one chat-completion request body; return the reply's text."""
+class ModelTimeout(flyte.errors.NonRecoverableError):
+    """A model call got no reply within REPORT_REQUEST_TIMEOUT, all attempts together. A task retry would
+    wait as long again, so Flyte won't; the message says which setting to change."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="ModelTimeout")
+
+
+class ReplyCutOff(flyte.errors.NonRecoverableError):
+    """The reply stopped at the request's reply limit (``finish_reason`` "length"): an unfinished text.
+    Asking the same again gets the same, so Flyte won't; the steps decide (pipeline.py)."""
+
+    def __init__(self, topic: str, step: str, limit: int, setting: str) -> None:
+        self.topic, self.step, self.limit, self.setting = topic, step, limit, setting
+        super().__init__(f"{topic}: the {step} hit the reply limit of {limit} tokens and was cut off "
+                         f"(finish_reason \"length\"). Raise {setting} for longer replies.", code="ReplyCutOff")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled with its fields, not only its message
+        return ReplyCutOff, (self.topic, self.step, self.limit, self.setting)
+
+
+async def complete(request: dict[str, Any], *, topic: str, step: str, retry_shorter: bool = False) -> str:
+    """Send one chat-completion request body for ``step`` ("draft", ...) of ``topic``; return the reply's text.
+
+    ``retry_shorter``: after a reply cut off at its limit, ask once more, for a shorter one (a text; the
+    critic's JSON is repaired by the pipeline instead)."""
+    try:
+        return await _complete(request, topic, step)
+    except ReplyCutOff as cut:
+        if not retry_shorter:
+            raise
+        system, *rest = request["messages"]
+        shorter = {**system, "content": system["content"] + SHORTER.format(limit=cut.limit, words=cut.limit // 2)}
+        return await _complete({**request, "messages": [shorter, *rest]}, topic, step)
+
+
+async def _complete(request: dict[str, Any], topic: str, step: str) -> str:
     cache, key = runtime.reply_cache(), request_key(runtime.settings.endpoint, request)
     if cache is not None and (hit := cache.get(key)) is not None:
         _record(Usage(cache_hits=1))
         return hit.content
     usage = Usage()
-    for _ in range(1 + EMPTY_REPLY_RETRIES):
-        runtime.requests_sent.add()
-        try:
-            response = await runtime.client().chat.completions.create(**request)
-        except openai.APIStatusError as error:
-            if (mark := error.response.headers.get(pacing.MARK)) is not None:  # the pace stopped waiting
-                message = runtime.pace.explain(error.response, runtime.settings.endpoint)
-                raise ServerLimitError(redact(message), "QuotaExceeded" if mark == "quota" else "RateLimited") from None
-            # A server may quote the key it rejected.
-            raise type(error)(redact(error.message), response=error.response, body=None) from None
-        tokens = response.usage
-        usage += Usage(
-            requests=1,
-            prompt_tokens=tokens.prompt_tokens if tokens else 0,
-            completion_tokens=tokens.completion_tokens if tokens else 0,
-        )
-        text = response.choices[0].message.content or ""
-        if text.strip():
-            break
-    else:
-        raise EmptyReplyError(f"the model returned an empty reply {usage.requests} times in a row")
-    _record(usage)
+    # One event per call, however many attempts it takes, if the wait gets long enough to wonder about.
+    still_waiting = asyncio.get_running_loop().call_later(
+        STILL_WAITING_AFTER,
+        functools.partial(runtime.emit, topic, "still-waiting", call=step, seconds=STILL_WAITING_AFTER))
+    try:
+        text = await _attempts(request, topic, step, usage)
+    finally:  # failed calls count too: summary.json's totals say what a batch really sent
+        still_waiting.cancel()
+        _record(usage)
     if cache is not None:
         cache.put(key, CachedReply(text, usage.prompt_tokens, usage.completion_tokens))
     return text
+
+
+async def _attempts(request: dict[str, Any], topic: str, step: str, usage: Usage) -> str:
+    """Send ``request`` until a usable reply, within one deadline and ``client_retries`` retries; count into
+    ``usage`` (changed in place) as it goes."""
+    settings = runtime.settings
+    timeout, attempts = settings.request_timeout, 1 + settings.client_retries
+    deadline, attempt = time.monotonic() + timeout, 0
+    while True:  # each pass is one attempt: it returns the text, raises, or sleeps before the next
+        attempt += 1
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _timed_out(topic, step, usage)
+        runtime.requests_sent.add()
+        usage.requests += 1
+        wait: float | None = None  # the server's own retry-after, if it names one
+        try:
+            response = await runtime.client().chat.completions.create(**request, timeout=left)
+        except openai.APITimeoutError:
+            raise _timed_out(topic, step, usage) from None
+        except openai.APIStatusError as error:
+            if (mark := error.response.headers.get(pacing.MARK)) is not None:  # the pace stopped waiting
+                message = runtime.pace.explain(error.response, settings.endpoint)
+                raise ServerLimitError(redact(message), "QuotaExceeded" if mark == "quota" else "RateLimited") from None
+            # A server may quote the key it rejected.
+            failure: Exception = type(error)(redact(error.message), response=error.response, body=None)
+            if error.status_code not in RETRIED_STATUSES and error.status_code < 500:
+                raise failure from None
+            reason, wait = f"HTTP {error.status_code} from the server", pacing.parse_retry_after(error.response.headers)
+        except openai.APIConnectionError as error:
+            failure, reason = error, "the connection failed"
+        else:
+            tokens = response.usage
+            usage.prompt_tokens += tokens.prompt_tokens if tokens else 0
+            usage.completion_tokens += tokens.completion_tokens if tokens else 0
+            choice = response.choices[0]
+            # getattr: a stand-in client of runtime.use_client (the benchmark's) may not say why it stopped.
+            if getattr(choice, "finish_reason", None) == "length":
+                usage.cut_off += 1
+                limit = request.get("max_tokens") or 0
+                runtime.emit(topic, "cut-off", call=step, limit=limit)
+                raise ReplyCutOff(topic, step, limit, settings.reply_limit_variable(step))
+            text = choice.message.content or ""
+            if text.strip():
+                return text
+            failure = EmptyReplyError(f"the model returned an empty reply {attempt} times in a row")
+            reason, wait = "an empty reply", 0.0  # not a busy server: ask again at once
+        pause = wait if wait is not None and wait <= 60 else _backoff(attempt)
+        if attempt == attempts or time.monotonic() + pause >= deadline:
+            raise failure from None  # recoverable: Flyte's task retry may still succeed, the cache keeps the rest
+        usage.retries += 1
+        runtime.emit(topic, "retrying", call=step, attempt=attempt + 1, attempts=attempts, reason=reason)
+        await asyncio.sleep(pause)
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds before the attempt after ``attempt``: 0.5, 1, 2, ... at most 8, less up to a quarter (jitter)."""
+    return min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (attempt - 1)) * random.uniform(0.75, 1.0)
+
+
+def _timed_out(topic: str, step: str, usage: Usage) -> ModelTimeout:
+    settings = runtime.settings
+    timeout = settings.request_timeout
+    usage.timed_out += 1
+    runtime.emit(topic, "timed-out", call=step, seconds=timeout)
+    return ModelTimeout(
+        f"{topic}: the {step} got no reply within {timeout:g} s (REPORT_REQUEST_TIMEOUT={timeout:g}). A model on a "
+        f"CPU may need longer: raise REPORT_REQUEST_TIMEOUT, or lower {settings.reply_limit_variable(step)} for "
+        "shorter replies.")
 
 
 def redact(text: str) -> str:
@@ -147,28 +258,23 @@ def describe_error(error: BaseException) -> str:
     return redact(f"{kind}: {error}")
 
 
-class BackendUnavailable(RuntimeError):
-    """The configured model server cannot be used; the message says what to check."""
-
-
-def check_backend(timeout: float = 10.0) -> None:
-    """Before a batch, one cheap request (list models) to a real server: fail once, clearly, not per topic."""
+def check_backend(timeout: float = 10.0) -> str:
+    """Before a batch, one cheap request (list models) to a real server: fail once, clearly, not per topic.
+    Returns the model that will write the reports (with no REPORT_MODEL, the one the server lists)."""
     settings = runtime.settings
     settings.check_ready()
     if settings.backend == "offline":
-        return
+        return runtime.model_name
     where = settings.endpoint
     try:
-        with openai.OpenAI(base_url=settings.base_url, timeout=timeout, max_retries=0) as client:
-            client.models.list()
+        runtime.served_models(timeout)  # kept: it also tells which model the server serves
     except openai.AuthenticationError as error:
         raise BackendUnavailable(
             f"The server at {where} rejected the API key (HTTP {error.status_code}): check OPENAI_API_KEY."
         ) from None
-    except openai.NotFoundError:
-        pass  # some OpenAI-compatible servers do not list models; the first real call will tell
     except openai.APIConnectionError as error:
         raise BackendUnavailable(
             f"Cannot reach the model server at {where} ({redact(str(error.__cause__ or error))}). "
             "Is it running? Check OPENAI_BASE_URL, or unset it and OPENAI_API_KEY to use the offline model."
         ) from None
+    return runtime.model_name

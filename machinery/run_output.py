@@ -34,7 +34,9 @@ class BatchResult:
     report_date: str
     model: str
     reports: list[Any]  # pipeline.TopicReport, one per topic, in the order given
-    llm_usage: Usage  # spent by this run; a cache hit costs nothing
+    # Every model call this run made, a failed topic's and a failed attempt's too: requests sent, retries,
+    # timeouts, cut-off replies, tokens, reply-cache hits. A Flyte cache hit makes no call.
+    llm_usage: Usage
     cached_topics: list[str]
     flyte_run_name: str = ""  # where Flyte's local run history keeps this run
     pacing: PaceStats = dataclasses.field(default_factory=PaceStats)  # 429s, pauses, peak in flight

@@ -19,8 +19,13 @@ keeps state at module level.
 * ``runtime.task_env_vars`` and ``runtime.openai_secrets(...)`` are the live
   values the task environments are declared with: they follow ``configure``,
   so a run or deploy ships the settings in force when it is made.
-* ``runtime.pace.start_batch()`` starts a batch's pacing counters and patience;
-  ``runtime.pace.stats()`` reads them (``PaceStats``). ``runtime.limit`` is the
+* ``runtime.model_name`` is the model that writes the reports: ``settings.model_name``, or, for a
+  server other than OpenAI's with no ``REPORT_MODEL``, the one model it lists (``GET /models``, asked
+  once per settings, thread-safe; several, or none, is a ``BackendUnavailable`` asking for
+  ``REPORT_MODEL``). Requests, results, cache keys and ``task_env_vars`` use it.
+* ``runtime.start_batch()`` starts a batch's counts: ``runtime.batch_usage`` (every model call's
+  requests, retries, timeouts, cut-offs, tokens and cache hits, whichever topic made it) and the pace's
+  counters and patience; ``runtime.pace.stats()`` reads the latter (``PaceStats``). ``runtime.limit`` is the
   pace's window (an ``InflightLimit``: ``.limit``, ``.peak``, ``.in_flight``).
   Every model client sends through the pace (``pacing.PacedTransport`` around
   the real transport, the offline model or the transport of ``use_transport``);
@@ -33,6 +38,14 @@ rate limit pauses every request for more than a second (at most one per pause):
 the server, retry after 2.0 s"}``; ``seconds`` is how long new requests will wait
 (rounded to 0.1 s) and ``reason`` says why, in words (a 429 or 503 and its
 retry-after, or the server's ``x-ratelimit-*`` budget being spent).
+
+``model_client.complete`` adds the events of one model call that a person waiting should see, each
+naming the topic and the step the call serves (``call``: "draft", "critique", "revision" or
+"summary"): ``{"step": "retrying", "call": "draft", "attempt": 2, "attempts": 4, "reason": "HTTP 503
+from the server"}`` (the attempt about to be made, of at most ``attempts``), ``{"step":
+"still-waiting", "call": "draft", "seconds": 10.0}`` (once per call), ``{"step": "timed-out", "call":
+"draft", "seconds": 120.0}`` and ``{"step": "cut-off", "call": "draft", "limit": 1500}``.
+``machinery.progress`` words them for a console.
 """
 
 from __future__ import annotations
@@ -41,12 +54,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import flyte
 import httpx2
+import openai
 from openai import AsyncOpenAI
 
 from machinery import offline_llm
@@ -60,9 +75,36 @@ logger = logging.getLogger("pipeline")
 ProgressListener = Callable[[dict[str, Any]], None]
 
 
+class BackendUnavailable(RuntimeError):
+    """The configured model server cannot be used; the message says what to check."""
+
+
+class Counts:
+    """Named running counts, added to from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def add(self, numbers: dict[str, int]) -> None:
+        with self._lock:
+            for name, number in numbers.items():
+                self._counts[name] = self._counts.get(name, 0) + number
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts.clear()
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.requests_sent = Tally()  # chat completions this process asked a model for
+        self.batch_usage = Counts()  # every model call's Usage fields since start_batch (model_client adds)
+        self._model_lock = threading.RLock()  # tasks run on Flyte's loop, in another thread
         self.task_env_vars: dict[str, str] = {}  # given to the task environments; kept in sync
         self._secret_lists: list[tuple[list[flyte.Secret], tuple[flyte.Secret, ...]]] = []
         self._listeners: list[ProgressListener] = []
@@ -106,6 +148,9 @@ class Runtime:
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncOpenAI] = (
             weakref.WeakKeyDictionary()
         )
+        with self._model_lock:
+            self._model: str | None = None  # the model name, once known (model_name)
+            self._served: tuple[str, ...] | None = None  # what GET /models listed, once asked
         self.task_env_vars.clear()
         self.task_env_vars.update(settings.task_env_vars())
         for live, secrets in self._secret_lists:
@@ -117,6 +162,43 @@ class Runtime:
         self._secret_lists.append((live, secrets))
         live[:] = secrets if self._settings.backend == "openai" else []
         return live
+
+    # ------------------------------------------------------------------ which model writes
+
+    @property
+    def model_name(self) -> str:
+        """The model that writes the reports: ``settings.model_name``, or the one model the server lists."""
+        with self._model_lock:
+            if self._model is None:
+                self._model = self._settings.model_name or self._the_served_model()
+                if self._settings.backend == "openai":  # a cluster's containers use the same model
+                    self.task_env_vars["REPORT_MODEL"] = self._model
+            return self._model
+
+    def served_models(self, timeout: float = 10.0) -> tuple[str, ...]:
+        """The models the server lists (``GET /models``, asked once per settings); none when it has no such
+        route. Raises the ``openai`` client's errors (``check_backend`` words them)."""
+        with self._model_lock:
+            if self._served is None:
+                settings = self._settings
+                try:
+                    with openai.OpenAI(base_url=settings.base_url, timeout=timeout, max_retries=0) as client:
+                        self._served = tuple(model.id for model in client.models.list())
+                except openai.NotFoundError:
+                    self._served = ()  # some OpenAI-compatible servers do not list models
+            return self._served
+
+    def _the_served_model(self) -> str:
+        where, listed = self._settings.endpoint, self.served_models()
+        if len(listed) == 1:
+            return listed[0]
+        if listed:
+            raise BackendUnavailable(
+                f"The server at {where} serves {len(listed)} models ({', '.join(listed)}): set REPORT_MODEL to "
+                "the one that should write the reports.")
+        raise BackendUnavailable(
+            f"The server at {where} does not list the model it serves (GET /models): set REPORT_MODEL to the "
+            "model's name.")
 
     # ------------------------------------------------------------------ the model client layer
 
@@ -142,7 +224,8 @@ class Runtime:
 
     def _make_client(self) -> AsyncOpenAI:
         settings = self._settings
-        common: dict[str, Any] = {"timeout": settings.request_timeout, "max_retries": settings.client_retries}
+        # max_retries=0: model_client.complete retries, within one deadline for all of a call's attempts.
+        common: dict[str, Any] = {"timeout": settings.request_timeout, "max_retries": 0}
         if self._transport is not None:
             return offline_llm.openai_client(PacedTransport(self._transport, self.pace), **common)
         if settings.backend == "offline":
@@ -205,6 +288,11 @@ class Runtime:
             except Exception:  # a broken view must never break the pipeline
                 logger.exception("progress listener failed on %s", event)
 
+    def start_batch(self) -> None:
+        """Count from now: ``batch_usage`` and the pace's counters; the pace's patience starts now."""
+        self.batch_usage.reset()
+        self.pace.start_batch()
+
     def _paused(self, seconds: float, reason: str) -> None:
         self.emit(None, "rate-limited", seconds=round(seconds, 1), reason=reason)
 
@@ -218,10 +306,14 @@ class Runtime:
             logging.getLogger("flyte").setLevel(logging.CRITICAL)  # failures are reported per topic instead
             self._flyte_run_history = self._settings.run_history
 
+    def describe(self) -> str:
+        """Which model writes the reports, where, in one line (asks the server for its model if need be)."""
+        return self._settings.describe(self.model_name)
+
     def announce_backend(self) -> None:
         """Say once per process which model writes the reports (never the key)."""
         if not self._announced:
-            print(f"Reports are written by the {self._settings.describe()}.", flush=True)
+            print(f"Reports are written by the {self.describe()}.", flush=True)
             self._announced = True
 
 

@@ -18,13 +18,23 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("offline", "openai")
 OPENAI_URL = "https://api.openai.com/v1"
 OFF = ("off", "0", "false", "no", "none")
+DEFAULT_OPENAI_MODEL = "gpt-4o-mini"  # at OpenAI's own API when REPORT_MODEL is not set
+# The setting that limits each step's reply: a report (its draft and revisions), a critique, a summary.
+REPLY_LIMITS = {
+    "draft": ("max_tokens_report", "REPORT_MAX_TOKENS_REPORT"),
+    "revision": ("max_tokens_report", "REPORT_MAX_TOKENS_REPORT"),
+    "critique": ("max_tokens_critique", "REPORT_MAX_TOKENS_CRITIQUE"),
+    "summary": ("max_tokens_summary", "REPORT_MAX_TOKENS_SUMMARY"),
+}
 ON = ("on", "1", "true", "yes")
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     backend: str = "offline"  # "offline" or "openai" (any OpenAI-compatible server)
-    model: str = "gpt-4o-mini"
+    # REPORT_MODEL. None: OpenAI's API uses DEFAULT_OPENAI_MODEL, any other server is asked which model
+    # it serves (runtime.model_name), so reports and cache keys name the model that really wrote them.
+    model: str | None = None
     base_url: str | None = None  # None: the client's default, OPENAI_URL
     # The most HTTP requests to the model in flight at once, process-wide: a ceiling, not a target.
     # Below it an adaptive window (machinery/pacing.py) starts at 8 and finds what the server accepts:
@@ -36,8 +46,21 @@ class Settings:
     # (OLLAMA_NUM_PARALLEL): its only signal is a timeout, after REPORT_REQUEST_TIMEOUT.
     max_concurrency: int = 64
     reports_dir: Path = PROJECT_ROOT / "reports"
-    request_timeout: float = 120.0  # seconds per HTTP request; CPU-hosted models are slow
-    client_retries: int = 3  # the openai client's own retries: 408, 409, 5xx, timeouts (429s: see below)
+    # Seconds one model call may take, all its attempts together (model_client.complete): a reply that has
+    # not arrived by then is a ModelTimeout that nobody retries, so no layer multiplies the wait.
+    # 120 s fits OpenAI's slowest replies and a small model on a GPU; a CPU may need more.
+    request_timeout: float = 120.0
+    # Attempts after the first, within that one deadline, for a dropped connection, an HTTP 408, 409
+    # or 5xx, or an empty reply (model_client.complete; 429s are the pace's, below). The openai client
+    # itself never retries.
+    client_retries: int = 3
+    # The most tokens each step's reply may have (max_tokens in every request). A small local model
+    # without a limit writes until its context is full; a reply that reaches it ends with
+    # finish_reason "length" and is handled as cut off. The offline model's longest replies (topics up
+    # to 40 characters) are 1210 tokens for a revision, 130 for a critique and 90 for a summary.
+    max_tokens_report: int = 1500  # a draft or a revision: the prompt asks for 500-800 words
+    max_tokens_critique: int = 500  # the critic's JSON
+    max_tokens_summary: int = 400  # two or three short paragraphs
     # Seconds a batch waits on a rate limit without any request succeeding before a 429 becomes a
     # per-topic error that Flyte does not retry (until then the pace waits 429s out; the client never
     # sees them). A 429 means "wait", not "failed", as long as the server keeps serving; 10 minutes
@@ -71,12 +94,15 @@ class Settings:
             reply_cache = Path(cache_setting).expanduser().resolve() if cache_setting else cls.reply_cache
         return cls(
             backend=backend,
-            model=env.get("REPORT_MODEL") or cls.model,
+            model=env.get("REPORT_MODEL") or None,
             base_url=env.get("OPENAI_BASE_URL") or None,
             max_concurrency=_whole_number(env, "REPORT_MAX_CONCURRENCY", cls.max_concurrency),
             reports_dir=reports_dir,
             request_timeout=_seconds(env, "REPORT_REQUEST_TIMEOUT", cls.request_timeout),
             client_retries=_whole_number(env, "REPORT_CLIENT_RETRIES", cls.client_retries, minimum=0),
+            max_tokens_report=_whole_number(env, "REPORT_MAX_TOKENS_REPORT", cls.max_tokens_report),
+            max_tokens_critique=_whole_number(env, "REPORT_MAX_TOKENS_CRITIQUE", cls.max_tokens_critique),
+            max_tokens_summary=_whole_number(env, "REPORT_MAX_TOKENS_SUMMARY", cls.max_tokens_summary),
             rate_limit_patience=_seconds(env, "REPORT_RATE_LIMIT_PATIENCE", cls.rate_limit_patience, minimum=0.0),
             offline_latency=_seconds(env, "REPORT_OFFLINE_LATENCY", cls.offline_latency, minimum=0.0),
             offline_latency_per_token=_seconds(
@@ -91,15 +117,36 @@ class Settings:
         return "offline" if self.backend == "offline" else self.base_url or OPENAI_URL
 
     @property
-    def model_name(self) -> str:
-        """The model that writes the reports, as recorded in every report."""
-        return offline_llm.MODEL_VERSION if self.backend == "offline" else self.model
+    def model_name(self) -> str | None:
+        """The model that writes the reports, when the settings alone say it; None: ask the server
+        (``runtime.model_name`` does, once)."""
+        if self.backend == "offline":
+            return offline_llm.MODEL_VERSION
+        if self.model:
+            return self.model
+        return DEFAULT_OPENAI_MODEL if self.endpoint == OPENAI_URL else None
 
-    def describe(self) -> str:
-        """One line for people; never contains the API key."""
+    def reply_limit(self, step: str) -> int:
+        """The most tokens a reply for ``step`` ("draft", "revision", "critique", "summary") may have."""
+        return getattr(self, self._reply_limit(step)[0])
+
+    def reply_limit_variable(self, step: str) -> str:
+        """The environment variable that sets ``reply_limit(step)``, for messages that say what to change."""
+        return self._reply_limit(step)[1]
+
+    @staticmethod
+    def _reply_limit(step: str) -> tuple[str, str]:
+        if step not in REPLY_LIMITS:
+            raise ValueError(f"step {step!r} is not one of {', '.join(REPLY_LIMITS)}: each has its own reply limit")
+        return REPLY_LIMITS[step]
+
+    def describe(self, model: str | None = None) -> str:
+        """One line for people; never contains the API key. ``model``: the name the server gave, if asked."""
         if self.backend == "offline":
             return f"offline model {self.model_name} (built in, deterministic, no network)"
-        return f"model {self.model} at {self.endpoint} (OpenAI-compatible)"
+        if name := model or self.model_name:
+            return f"model {name} at {self.endpoint} (OpenAI-compatible)"
+        return f"model served at {self.endpoint} (OpenAI-compatible)"  # its name not asked for yet
 
     def check_ready(self) -> None:
         """Fail before any work if the chosen backend cannot work."""
@@ -112,7 +159,9 @@ class Settings:
     def task_env_vars(self) -> dict[str, str]:
         """The settings a remote task container needs to behave like this process."""
         # On a cluster, Flyte checkpoints traced calls; the local reply cache is not needed there.
-        env = {"REPORT_BACKEND": self.backend, "REPORT_MODEL": self.model, "REPORT_REPLY_CACHE": "off"}
+        env = {"REPORT_BACKEND": self.backend, "REPORT_REPLY_CACHE": "off"}
+        if self.backend == "openai" and self.model_name:  # else runtime adds the name the server gave, once asked
+            env["REPORT_MODEL"] = self.model_name
         if self.base_url:
             env["OPENAI_BASE_URL"] = self.base_url
         return env

@@ -23,7 +23,10 @@ machinery/concurrency.py       test_concurrency.py
 machinery/pacing.py            test_pacing.py (the window, shared pauses, budgets, patience, counters)
 machinery/records.py           test_records.py
 machinery/model_client.py      test_model_client.py (complete: cache, empty replies, redaction,
-                               metering, a rate limit past patience; describe_error; check_backend)
+                               metering, a rate limit past patience, retries, one deadline, timeouts,
+                               cut-off replies, events; describe_error; check_backend and the
+                               model a server lists)
+machinery/progress.py          test_progress.py (events as console lines)
 machinery/reply_cache.py       test_reply_cache.py
 machinery/cache_policy.py      test_cache_policy.py (keys; the CLI rerun/edit end to end)
 machinery/inputs.py            test_inputs.py
@@ -37,6 +40,9 @@ pipeline.py: batch             test_pipeline_batch.py (run_batch and the driver 
                                output files, partial failure, caches)
 pipeline.py: main, CLIs        test_cli.py (main in-process; python pipeline.py, flyte run --local)
 faults end to end              test_resilience.py (fault server, kill and resume, the canary key)
+a small local model            test_local_model.py (a loopback llama.cpp stand-in: bounded replies,
+                               the served model's name everywhere and in cache keys, timeouts,
+                               cut-offs, counts, the CLI's waits)
 notebooks/                     test_notebooks.py (nbval, papermill)
 what a browser shows           test_browser.py (report pages, live JupyterLab and explorer)
 project hygiene                test_project.py (dependencies, docs fragments, import layers)

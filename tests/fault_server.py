@@ -1,7 +1,7 @@
 """A loopback OpenAI-compatible server that injects faults on a deterministic schedule.
 
 It is the offline model behind real HTTP, plus the failures real APIs produce:
-429 with retry-after, 500 and 503, replies slower than the client's timeout,
+429 with retry-after, 500 and 503, slow replies (``slow_reply`` seconds),
 dropped connections, and for the critic malformed or truncated JSON, scores
 outside 1..10 and empty content. It records what happened: every request by
 its body, the faults it injected, and the peak number of requests in flight.
@@ -37,7 +37,7 @@ class FaultyServer(offline_llm.OfflineServer):
         """``echo_key_on_401``: "everything" or "completions" rejects those requests, quoting the key."""
         super().__init__(latency=latency)
         self.fault_percent = fault_percent
-        self.slow_reply = slow_reply  # longer than the client timeout the tests configure
+        self.slow_reply = slow_reply  # seconds a "timeout" fault takes to answer
         self.echo_key_on_401 = echo_key_on_401
         self.httpd.handle_error = lambda request, address: None  # a client that timed out closed its socket
         self._lock = threading.Lock()

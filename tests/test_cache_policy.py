@@ -44,7 +44,7 @@ def test_the_key_covers_the_model(tmp_path, monkeypatch):
         keys.add(code_and_model(source))
         with runtime.configured(model="gpt-4.1-mini"):
             keys.add(code_and_model(source))
-        with runtime.configured(base_url="http://127.0.0.1:8765/v1"):
+        with runtime.configured(base_url="http://127.0.0.1:8765/v1", model="gpt-4o-mini"):  # same model elsewhere
             keys.add(code_and_model(source))
     monkeypatch.setattr(offline_llm, "MODEL_VERSION", "offline-reporter-next")
     keys.add(code_and_model(source))

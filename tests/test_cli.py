@@ -35,6 +35,20 @@ def test_main_writes_the_reports_and_says_where(tmp_path, capsys):
     assert all(1 <= row["iterations"] <= 2 for row in summary["topics"])
 
 
+def test_main_prints_a_line_per_step_of_each_topic_and_nothing_more(tmp_path, capsys):
+    code = pipeline.main(["Cats", "--out", str(tmp_path), "--run-id", "steps", "--max-iterations", "2",
+                          "--quality-threshold", "10", "--date", "2026-11-29"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    *progress, closing, written = [line for line in lines if not line.startswith("Reports are written by")]
+    first, second = (int(line.rsplit(" ", 1)[1].split("/")[0]) for line in progress if ": score " in line)
+    assert progress == ["  Cats: draft", "  Cats: round 1 critique", f"  Cats: score {first}/10",
+                        "  Cats: round 1 revision", "  Cats: round 2 critique", f"  Cats: score {second}/10",
+                        "  Cats: formatting", f"  Cats: done, score {second}/10 after 2 round(s)"]
+    assert closing == f"  Cats: score {second}/10 after 2 round(s)", "the closing lines stay"
+    assert written == f"1 of 1 reports written; index: {tmp_path / 'steps' / 'index.html'}"
+
+
 def test_main_exits_1_when_a_topic_fails_and_names_it(tmp_path, capsys):
     with scripted_model(lambda role, topic, content: "not JSON" if role == "critic" and topic == "Dogs" else None):
         code = pipeline.main(["Cats", "Dogs", "--out", str(tmp_path), "--run-id", "partial", "--max-iterations", "1"])
@@ -153,24 +167,30 @@ def test_flyte_run_local_reports_a_bad_topic_list(tmp_path):
 
 
 @pytest.mark.slow
-def test_end_to_end_against_the_loopback_server_configured_only_by_environment(tmp_path):
+def test_end_to_end_against_a_small_local_model_configured_only_by_environment(tmp_path):
+    """The README's llama.cpp row: OPENAI_BASE_URL and OPENAI_API_KEY only; the server names its model."""
     make_scratch_project(tmp_path)  # a Flyte config of its own, so the project's cache is not touched
-    server = subprocess.Popen([sys.executable, "-m", "machinery.offline_llm", "--port", "0"], stdout=subprocess.PIPE,
-                              text=True, env=subprocess_env(), cwd=tmp_path)
+    served = "qwen2.5-0.5b-instruct-q4_k_m.gguf"
+    server = subprocess.Popen([sys.executable, "-m", "machinery.offline_llm", "--port", "0", "--served-model", served,
+                               "--ramble", "--latency-per-token", "0.0005"],
+                              stdout=subprocess.PIPE, text=True, env=subprocess_env(), cwd=tmp_path)
     try:
         line = server.stdout.readline()
         base_url = re.search(r"listening on (\S+)", line).group(1)
-        done = run_cli(["Why cats purr", "--out", str(tmp_path), "--run-id", "http", "--date", "2026-11-29"],
+        done = run_cli(["Why cats purr", "Quantum computing", "--max-iterations", "2", "--out", str(tmp_path),
+                        "--run-id", "http", "--date", "2026-11-29"],
                        cwd=tmp_path, OPENAI_BASE_URL=base_url, OPENAI_API_KEY="sk-loopback-test",
                        REPORT_BACKEND="")  # chosen from the variables, as for a user
     finally:
         server.terminate()
         server.wait(10)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"model gpt-4o-mini at {base_url}" in done.stdout
+    assert f"Reports are written by the model {served} at {base_url} (OpenAI-compatible)." in done.stdout
+    assert "  Why cats purr: round 1 critique" in done.stdout, "per-topic progress"
     assert "sk-loopback-test" not in done.stdout + done.stderr
     summary = json.loads((tmp_path / "http" / "summary.json").read_text(encoding="utf-8"))
-    assert summary["model"] == "gpt-4o-mini"
+    assert summary["model"] == served and "gpt-4o-mini" not in (tmp_path / "http" / "index.html").read_text()
+    assert summary["totals"]["llm_usage"]["cut_off"] == 0, "every reply ended within its limit"
     report = (tmp_path / "http" / summary["topics"][0]["files"]["report.md"]).read_text(encoding="utf-8")
     expected = offline_llm.write_draft("Why cats purr")
     assert report.split("---\n\n", 1)[1].startswith(expected.split("\n\n")[0])

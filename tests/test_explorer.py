@@ -365,3 +365,24 @@ def test_a_rate_limit_pause_is_a_batch_message_not_a_topic_row():
     assert None not in ui.progress_rows
     assert "Waiting 2.0 s for the server&#x27;s rate limit" in ui.message.value
     assert "<b>" not in ui.message.value, "the server's words are escaped"
+
+
+def test_a_calls_waits_show_in_the_step_column_without_moving_the_bar():
+    ui = explorer.ReportExplorer(["Cats"], 2)
+    ui.progress_rows = {"Cats": {"step": "waiting", "iteration": "", "score": "", "error": "", "done": 0}}
+    shown = []
+    for event in [
+        {"step": "draft"},
+        {"step": "still-waiting", "call": "draft", "seconds": 10.0},
+        {"step": "retrying", "call": "draft", "attempt": 2, "attempts": 4, "reason": "HTTP 503 from the server"},
+        {"step": "cut-off", "call": "draft", "limit": 1500},
+        {"step": "critique", "iteration": 1},
+        {"step": "timed-out", "call": "critique", "seconds": 120.0},
+    ]:
+        ui._on_event({"topic": "Cats", **event})
+        shown.append((ui.progress_rows["Cats"]["step"], ui.progress_rows["Cats"]["done"]))
+    assert shown == [("writing the draft", 0), ("waiting for the model (10 s)", 0),
+                     ("retrying the draft (attempt 2)", 0), ("cut off", 0), ("critique", 1), ("timed out", 1)]
+    assert "timed out" in ui.progress_table.value, "the table shows the latest"
+    assert all(explorer.steps_done({"step": step}, 2) is None
+               for step in ("still-waiting", "retrying", "cut-off", "timed-out")), "not steps: the bar stays"

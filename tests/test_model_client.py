@@ -5,6 +5,7 @@ batch."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import time
 from collections import Counter
@@ -17,9 +18,8 @@ import pytest
 from fault_server import FaultyServer
 from helpers import ScriptedTransport, replies_in_turn, scripted_model, served_by
 
-from machinery import offline_llm
+from machinery import model_client, offline_llm
 from machinery.model_client import (
-    EMPTY_REPLY_RETRIES,
     BackendUnavailable,
     EmptyReplyError,
     ServerLimitError,
@@ -42,12 +42,17 @@ def request(topic: str, system: str = WRITER, **extra: Any) -> dict[str, Any]:
                                        {"role": "user", "content": f"Topic: {topic}\n\nWrite the report."}], **extra}
 
 
+def call(body: dict[str, Any], step: str = "draft") -> Any:
+    """``complete`` for ``step`` of the topic in the body (messages and events name it)."""
+    return complete(body, topic=offline_llm.parse_request(body).topic, step=step)
+
+
 def run_metered(*requests: dict[str, Any]) -> tuple[list[str], Usage]:
     """Complete ``requests`` one after another on a fresh loop; the replies and the usage they recorded."""
 
     async def go():
         with metering() as meter:
-            return [await complete(r) for r in requests], meter.total
+            return [await call(r) for r in requests], meter.total
 
     return asyncio.run(go())
 
@@ -95,7 +100,7 @@ def test_concurrent_meters_count_only_their_own_calls():
 
     async def topic(name: str, calls: int):
         with metering() as meter:
-            await asyncio.gather(*(complete(request(f"{name} {i}")) for i in range(calls)))
+            await asyncio.gather(*(call(request(f"{name} {i}")) for i in range(calls)))
             return meter.total
 
     async def both():
@@ -107,12 +112,12 @@ def test_concurrent_meters_count_only_their_own_calls():
 
 def test_only_the_innermost_meter_counts_and_none_outside_a_meter():
     async def scenario():
-        await complete(request("Nobody counts this"))
+        await call(request("Nobody counts this"))
         with metering() as outer:
-            await complete(request("Outer"))
+            await call(request("Outer"))
             with metering() as inner:
-                await complete(request("Inner"))
-            await complete(request("Outer again"))
+                await call(request("Inner"))
+            await call(request("Outer again"))
         return outer.total, inner.total
 
     outer, inner = asyncio.run(scenario())
@@ -155,21 +160,26 @@ def test_with_the_cache_off_every_call_asks_the_model():
 # ----------------------------------------------------------------------------------------- empty replies
 
 
+@pytest.fixture
+def quick_backoff(monkeypatch):
+    """Retries after 10 ms instead of 0.5 s, 1 s, 2 s: the same decisions, no waiting."""
+    monkeypatch.setattr(model_client, "BACKOFF_FIRST", 0.01)
+
+
 def test_an_empty_reply_is_asked_again():
-    assert EMPTY_REPLY_RETRIES == 2
     with scripted_model(replies_in_turn("writer", "", "  \n")) as transport:
         (text,), usage = run_metered(request("Cats"))
     assert transport.count("writer") == 3, "two empty replies, then the same request once more"
     assert transport.bodies[0] == transport.bodies[1] == transport.bodies[2]
-    assert usage.requests == 3 and text == offline_llm.write_draft("Cats")
+    assert (usage.requests, usage.retries) == (3, 2) and text == offline_llm.write_draft("Cats")
 
 
 def test_empty_replies_beyond_the_budget_are_a_clear_error_and_never_cached(tmp_path):
-    with runtime.configured(reply_cache=tmp_path / "replies.sqlite3"):
+    with runtime.configured(reply_cache=tmp_path / "replies.sqlite3", client_retries=2):
         with scripted_model(lambda role, topic, content: "") as transport, \
                 pytest.raises(EmptyReplyError, match="empty reply 3 times in a row"):
-            asyncio.run(complete(request("Cats")))
-        assert transport.count() == 1 + EMPTY_REPLY_RETRIES
+            asyncio.run(call(request("Cats")))
+        assert transport.count() == 3, "REPORT_CLIENT_RETRIES=2: three attempts"
         (text,), usage = run_metered(request("Cats"))
     assert text == offline_llm.write_draft("Cats") and usage.cache_hits == 0
 
@@ -181,7 +191,7 @@ def test_a_key_quoted_by_the_server_is_redacted_from_the_error(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", CANARY)
     with FaultyServer(echo_key_on_401="completions") as server, served_by(server, client_retries=0), \
             pytest.raises(openai.AuthenticationError) as caught:
-        asyncio.run(complete(request("Cats")))
+        asyncio.run(call(request("Cats")))
     assert caught.value.status_code == 401
     assert CANARY not in str(caught.value) and CANARY not in describe_error(caught.value)
     assert "Incorrect API key provided: [API key]" in str(caught.value)
@@ -262,7 +272,7 @@ def test_a_429_past_patience_is_one_clear_error_that_flyte_will_not_retry(tmp_pa
         runtime.pace.start_batch()
         started = time.monotonic()
         with pytest.raises(ServerLimitError) as caught:
-            asyncio.run(complete(request("Doomed")))
+            asyncio.run(call(request("Doomed")))
         elapsed = time.monotonic() - started
         stats = runtime.pace.stats()
         (again,), reused = run_metered(request("Cats"))
@@ -285,7 +295,7 @@ def test_no_credit_left_fails_at_once_with_what_to_check():
                       "code": "insufficient_quota"}}
     transport = RateLimited("Cats", headers={}, body=body)
     with runtime.use_transport(transport), pytest.raises(ServerLimitError) as caught:
-        asyncio.run(complete(request("Cats")))
+        asyncio.run(call(request("Cats")))
     assert caught.value.code == "QuotaExceeded" and transport.attempts["Cats"] == 1
     assert describe_error(caught.value).startswith("QuotaExceeded: The server at offline answered 429 "
                                                    "insufficient_quota")
@@ -303,7 +313,7 @@ def test_a_429_from_a_client_without_the_pace_keeps_the_clients_rules():
             raise openai.RateLimitError("Rate limit reached", response=response, body=None)
 
     with runtime.use_client(Limited()), pytest.raises(openai.RateLimitError):
-        asyncio.run(complete(request("Cats")))
+        asyncio.run(call(request("Cats")))
 
 
 def test_requests_go_through_the_pace_over_real_http(api_key):
@@ -311,7 +321,7 @@ def test_requests_go_through_the_pace_over_real_http(api_key):
         runtime.pace.start_batch()
 
         async def many():
-            return await asyncio.gather(*(complete(request(f"Topic {i}")) for i in range(8)))
+            return await asyncio.gather(*(call(request(f"Topic {i}")) for i in range(8)))
 
         assert len(asyncio.run(many())) == 8
         assert runtime.pace.stats().peak_in_flight == 3
@@ -364,10 +374,86 @@ class NoModelsServer(offline_llm.OfflineServer):
             super().handle(handler, method, raw_body)
 
 
-def test_a_server_that_does_not_list_models_passes_the_check(api_key):
-    with NoModelsServer() as server, served_by(server):
+def test_a_server_that_does_not_list_models_passes_the_check_when_the_model_is_named(api_key):
+    with NoModelsServer() as server, served_by(server, model="llama3"):
+        assert check_backend() == "llama3"
+        assert asyncio.run(call(request("Cats"))) == offline_llm.write_draft("Cats")
+
+
+# ----------------------------------------------------------------------------------------- the true model name
+
+
+def test_the_one_model_a_server_lists_is_the_model(api_key):
+    with offline_llm.OfflineServer(served_model="qwen2.5-0.5b-instruct") as server, served_by(server):
+        assert runtime.task_env_vars.get("REPORT_MODEL") is None, "not asked yet"
+        assert check_backend() == runtime.model_name == "qwen2.5-0.5b-instruct"
+        assert runtime.task_env_vars["REPORT_MODEL"] == "qwen2.5-0.5b-instruct", "a cluster's tasks use it too"
+        assert runtime.describe() == f"model qwen2.5-0.5b-instruct at {server.base_url} (OpenAI-compatible)"
+        runtime.model_name  # noqa: B018 (asked again: answered from memory)
+    assert server.stats().requests == 0, "GET /models is not a completion"
+
+
+def test_the_model_is_asked_for_once_per_settings_even_from_many_threads(api_key):
+    class CountingServer(offline_llm.OfflineServer):
+        listed = 0
+
+        def handle(self, handler: Any, method: str, raw_body: bytes) -> None:
+            if method == "GET":
+                type(self).listed += 1
+            super().handle(handler, method, raw_body)
+
+    with CountingServer(served_model="tiny") as server, served_by(server):
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            names = set(pool.map(lambda _: runtime.model_name, range(16)))
+        with runtime.configured(max_concurrency=5):  # new settings: asked again
+            assert runtime.model_name == "tiny"
+    assert names == {"tiny"} and CountingServer.listed == 2
+
+
+def test_several_models_are_an_error_that_lists_them_and_asks_for_report_model(api_key):
+    with offline_llm.OfflineServer(served_model=("qwen-0.5b", "llama-3b")) as server, served_by(server), \
+            pytest.raises(BackendUnavailable) as caught:
         check_backend()
-        assert asyncio.run(complete(request("Cats"))) == offline_llm.write_draft("Cats")
+    assert str(caught.value) == (f"The server at {server.base_url} serves 2 models (qwen-0.5b, llama-3b): set "
+                                 "REPORT_MODEL to the one that should write the reports.")
+
+
+def test_a_server_that_lists_no_models_needs_report_model(api_key):
+    with NoModelsServer() as server, served_by(server), pytest.raises(BackendUnavailable) as caught:
+        check_backend()
+    assert str(caught.value) == (f"The server at {server.base_url} does not list the model it serves (GET /models): "
+                                 "set REPORT_MODEL to the model's name.")
+
+
+def test_report_model_set_means_no_question_and_openais_api_means_its_default(api_key):
+    with offline_llm.OfflineServer(served_model=("a", "b")) as server, served_by(server, model="b"):
+        assert runtime.model_name == "b"  # no error: the server was not asked which one
+    with runtime.configured(backend="openai", base_url=None):
+        assert runtime.model_name == "gpt-4o-mini"
+    assert runtime.model_name == offline_llm.MODEL_VERSION
+
+
+def port_of(server: offline_llm.OfflineServer) -> int:
+    return int(server.base_url.rsplit(":", 1)[1].split("/")[0])
+
+
+def test_another_model_behind_the_same_url_is_never_answered_from_the_cache(api_key, tmp_path):
+    async def draft() -> Usage:
+        with metering() as meter:
+            await complete({**request("Cats"), "model": runtime.model_name}, topic="Cats", step="draft")
+        return meter.total
+
+    used = []
+    with runtime.configured(reply_cache=tmp_path / "replies.sqlite3"):
+        with offline_llm.OfflineServer(served_model="qwen-0.5b") as first, served_by(first):
+            used.append(asyncio.run(draft()))
+        for name in ("llama-3b", "qwen-0.5b"):  # swapped behind the same URL, then back
+            with offline_llm.OfflineServer(port=port_of(first), served_model=name) as server, served_by(server):
+                assert server.base_url == first.base_url
+                used.append(asyncio.run(draft()))
+                sent = [r.model for r in server.received()]
+            assert sent == ([name] if name == "llama-3b" else [])
+    assert [(u.requests, u.cache_hits) for u in used] == [(1, 0), (1, 0), (0, 1)]
 
 
 def test_scripted_transport_is_the_real_openai_client():
@@ -375,9 +461,179 @@ def test_scripted_transport_is_the_real_openai_client():
 
     async def ask():
         client = runtime.client()
-        return client, await complete(request("Owls"))
+        return client, await call(request("Owls"))
 
     with scripted_model() as transport:
         client, text = asyncio.run(ask())
     assert isinstance(client, openai.AsyncOpenAI) and isinstance(transport, ScriptedTransport)
     assert text == offline_llm.write_draft("Owls")
+
+
+# ----------------------------------------------------------------------------------------- retries and one deadline
+
+
+class Failing(offline_llm.OfflineTransport):
+    """The offline model, after the given failures, one per attempt: an HTTP status (int), or an httpx2
+    exception to raise (a class)."""
+
+    def __init__(self, *failures: Any, headers: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.failures, self.headers, self.attempts = list(failures), headers or {}, 0
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        self.attempts += 1
+        if self.failures:
+            failure = self.failures.pop(0)
+            if isinstance(failure, int):
+                body = {"error": {"message": f"injected {failure}"}}
+                return httpx2.Response(failure, headers=self.headers, json=body)
+            raise failure("injected", request=request)
+        return await super().handle_async_request(request)
+
+
+def run_listened(body: dict[str, Any], step: str = "draft") -> tuple[Any, Usage, list[dict[str, Any]]]:
+    """``call(body)`` on a fresh loop: its reply (or the exception it raised), its usage and its events."""
+    events: list[dict[str, Any]] = []
+
+    async def go():
+        with metering() as meter:
+            try:
+                return await call(body, step), meter.total
+            except Exception as error:  # noqa: BLE001 (the test looks at it)
+                return error, meter.total
+
+    with runtime.listening(events.append):
+        outcome, usage = asyncio.run(go())
+    return outcome, usage, events
+
+
+def test_5xx_and_dropped_connections_are_retried_with_an_event_each(quick_backoff):
+    transport = Failing(503, httpx2.ConnectError, 500)
+    with runtime.use_transport(transport), runtime.configured(client_retries=3):
+        text, usage, events = run_listened(request("Cats"))
+    assert text == offline_llm.write_draft("Cats") and transport.attempts == 4
+    assert events == [
+        {"topic": "Cats", "step": "retrying", "call": "draft", "attempt": 2, "attempts": 4,
+         "reason": "HTTP 503 from the server"},
+        {"topic": "Cats", "step": "retrying", "call": "draft", "attempt": 3, "attempts": 4,
+         "reason": "the connection failed"},
+        {"topic": "Cats", "step": "retrying", "call": "draft", "attempt": 4, "attempts": 4,
+         "reason": "HTTP 500 from the server"},
+    ]
+    assert (usage.requests, usage.retries, usage.timed_out) == (4, 3, 0)
+
+
+def test_retries_end_with_the_last_error_which_flyte_may_retry(quick_backoff):
+    transport = Failing(503, 503, 503)
+    with runtime.use_transport(transport), runtime.configured(client_retries=2):
+        error, usage, events = run_listened(request("Cats"))
+    assert isinstance(error, openai.InternalServerError) and "injected 503" in str(error)
+    assert not isinstance(error, flyte.errors.NonRecoverableError), "a recoverable error: Flyte's task retry decides"
+    assert transport.attempts == 3 and (usage.requests, usage.retries) == (3, 2) and len(events) == 2
+
+
+def test_a_400_is_not_retried():
+    transport = Failing(400)
+    with runtime.use_transport(transport):
+        error, usage, events = run_listened(request("Cats"))
+    assert isinstance(error, openai.BadRequestError) and transport.attempts == 1 and events == []
+
+
+def test_a_retry_waits_what_the_server_names():
+    transport = Failing(503, headers={"retry-after-ms": "20"})
+    with runtime.use_transport(transport):
+        started = time.monotonic()
+        text, usage, _ = run_listened(request("Cats"))
+    assert text == offline_llm.write_draft("Cats") and time.monotonic() - started < 0.3, "20 ms, not 0.5 s"
+
+
+def test_no_retry_starts_when_its_backoff_would_pass_the_deadline():
+    transport = Failing(503)
+    with runtime.use_transport(transport), runtime.configured(request_timeout=0.05):
+        error, usage, events = run_listened(request("Cats"))
+    assert isinstance(error, openai.InternalServerError) and transport.attempts == 1 and events == []
+
+
+def test_a_timeout_ends_the_call_with_a_message_that_says_what_to_change():
+    transport = Failing(httpx2.ReadTimeout, httpx2.ReadTimeout)
+    with runtime.use_transport(transport), runtime.configured(request_timeout=120.0, client_retries=3):
+        error, usage, events = run_listened(request("Why cats purr"))
+    assert isinstance(error, model_client.ModelTimeout) and isinstance(error, flyte.errors.NonRecoverableError)
+    assert describe_error(error) == (
+        "ModelTimeout: Why cats purr: the draft got no reply within 120 s (REPORT_REQUEST_TIMEOUT=120). A model on a "
+        "CPU may need longer: raise REPORT_REQUEST_TIMEOUT, or lower REPORT_MAX_TOKENS_REPORT for shorter replies.")
+    assert transport.attempts == 1, "the attempt used the whole deadline: no retry"
+    assert events == [{"topic": "Why cats purr", "step": "timed-out", "call": "draft", "seconds": 120.0}]
+    assert (usage.requests, usage.timed_out, usage.retries) == (1, 1, 0), "a failed call still counts"
+
+
+def test_the_timeout_message_names_the_steps_own_limit():
+    with runtime.use_transport(Failing(httpx2.ReadTimeout)), runtime.configured(request_timeout=2.5):
+        error, _, _ = run_listened(request("Cats", system=WRITER), step="summary")
+    assert str(error).startswith("Cats: the summary got no reply within 2.5 s (REPORT_REQUEST_TIMEOUT=2.5).")
+    assert str(error).endswith("lower REPORT_MAX_TOKENS_SUMMARY for shorter replies.")
+
+
+@pytest.mark.slow  # waits out a real timeout over HTTP
+def test_one_deadline_for_all_attempts_against_a_server_slower_than_it(api_key):
+    with offline_llm.OfflineServer(latency=1.5) as server, \
+            served_by(server, model="m", request_timeout=0.4, client_retries=3):
+        started = time.monotonic()
+        error, usage, events = run_listened(request("Cats"))
+        elapsed = time.monotonic() - started
+        received = server.stats().requests
+    assert isinstance(error, model_client.ModelTimeout)
+    assert received == 1 and usage.requests == 1, "one attempt, not 1 + 3 retries"
+    assert 0.35 < elapsed < 1.2
+    assert [event["step"] for event in events] == ["timed-out"]
+
+
+def test_a_call_still_waiting_is_told_once(monkeypatch):
+    monkeypatch.setattr(model_client, "STILL_WAITING_AFTER", 0.02)
+    with runtime.configured(offline_latency=0.15, reply_cache=None):
+        text, _, events = run_listened(request("Cats"))
+    assert text == offline_llm.write_draft("Cats")
+    assert events == [{"topic": "Cats", "step": "still-waiting", "call": "draft", "seconds": 0.02}], "one, not many"
+
+
+# ----------------------------------------------------------------------------------------- cut-off replies
+
+
+def test_a_reply_cut_at_its_limit_is_an_error_that_names_the_setting_and_is_never_cached(tmp_path):
+    body = request("Cats", max_tokens=20)
+    with runtime.configured(reply_cache=tmp_path / "replies.sqlite3"), scripted_model() as transport:
+        error, usage, events = run_listened(body)
+        again, _, _ = run_listened(body)
+    assert isinstance(error, model_client.ReplyCutOff) and isinstance(error, flyte.errors.NonRecoverableError)
+    assert (error.topic, error.step, error.limit, error.setting) == ("Cats", "draft", 20, "REPORT_MAX_TOKENS_REPORT")
+    assert describe_error(error) == ('ReplyCutOff: Cats: the draft hit the reply limit of 20 tokens and was cut off '
+                                     '(finish_reason "length"). Raise REPORT_MAX_TOKENS_REPORT for longer replies.')
+    assert events == [{"topic": "Cats", "step": "cut-off", "call": "draft", "limit": 20}]
+    assert (usage.requests, usage.cut_off, usage.completion_tokens) == (1, 1, 20)
+    assert isinstance(again, model_client.ReplyCutOff) and transport.count() == 2, "not answered from the cache"
+
+
+def test_a_reply_cut_off_survives_pickling():
+    import pickle
+
+    error = model_client.ReplyCutOff("Cats", "critique", 500, "REPORT_MAX_TOKENS_CRITIQUE")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.limit, copy.setting, str(copy), copy.code) == (500, error.setting, str(error), "ReplyCutOff")
+
+
+def test_a_reply_within_its_limit_is_not_cut():
+    text, usage, events = run_listened(request("Cats", max_tokens=1500))
+    assert text == offline_llm.write_draft("Cats") and usage.cut_off == 0 and events == []
+
+
+def test_every_call_adds_to_the_batch_counts_failed_ones_too(quick_backoff):
+    runtime.start_batch()
+    with runtime.use_transport(Failing(503, httpx2.ReadTimeout)):
+        run_listened(request("Cats"))
+    run_listened(request("Dogs", max_tokens=5))
+    run_listened(request("Owls"))
+    counts = runtime.batch_usage.snapshot()
+    assert {name: counts[name] for name in ("requests", "retries", "timed_out", "cut_off")} == {
+        "requests": 4, "retries": 1, "timed_out": 1, "cut_off": 1}
+    runtime.start_batch()
+    assert runtime.batch_usage.snapshot() == {}

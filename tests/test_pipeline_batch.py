@@ -228,7 +228,7 @@ def test_a_failed_formatting_step_fails_only_its_topic(tmp_path):
                                    flyte_cache=False)
     cats, dogs = batch.reports
     assert cats.ok and dogs.result is not None and dogs.files is None
-    assert dogs.error == "EmptyReplyError: the model returned an empty reply 3 times in a row", dogs.error
+    assert dogs.error == "EmptyReplyError: the model returned an empty reply 4 times in a row", dogs.error
     assert not batch.folder("Dogs").exists() and (batch.folder("Cats") / "summary.txt").exists()
 
 
@@ -393,3 +393,36 @@ def test_a_changed_model_makes_new_calls(tmp_path, api_key):
     assert again.llm_usage.requests == 0
     assert b.llm_usage.requests == a.llm_usage.requests > 0 and b.llm_usage.cache_hits == 0
     assert (a.model, b.model) == ("model-a", "model-b")
+
+
+# ----------------------------------------------------------------------------------------- waits on the console
+
+
+class FailsFirstDraft(offline_llm.OfflineTransport):
+    """The offline model; the first draft request for each topic gets an HTTP 503."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed: set[str] = set()
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        parsed = offline_llm.parse_request(json.loads(await request.aread()))
+        if parsed.role == "writer" and parsed.topic not in self.failed:
+            self.failed.add(parsed.topic)
+            return httpx2.Response(503, json={"error": {"message": "busy"}})
+        return await super().handle_async_request(request)
+
+
+def test_a_retry_is_one_console_line_and_an_ordinary_batch_prints_none(tmp_path, capsys, monkeypatch):
+    from machinery import model_client
+
+    monkeypatch.setattr(model_client, "BACKOFF_FIRST", 0.01)
+    with runtime.configured(reply_cache=None), runtime.use_transport(FailsFirstDraft()):
+        retried = pipeline.run_batch(["Cats", "Dogs"], max_iterations=1, output_dir=tmp_path, run_id="retried",
+                                     flyte_cache=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("Reports are written")]
+    assert sorted(lines) == [f"  {topic}: retrying the draft (attempt 2 of 4): HTTP 503 from the server"
+                             for topic in ("Cats", "Dogs")]
+    assert retried.llm_usage.retries == 2 and all(report.ok for report in retried.reports)
+    pipeline.run_batch(["Cats"], max_iterations=1, output_dir=tmp_path, run_id="plain", flyte_cache=False)
+    assert capsys.readouterr().out == "", "offline notebook outputs do not change"

@@ -11,13 +11,14 @@ import json
 import time
 
 import flyte.errors
+import httpx2
 import pytest
-from helpers import replies_in_turn, scripted_model
+from helpers import Rewrite, ScriptedTransport, replies_in_turn, scripted_model
 from pydantic import ValidationError
 
 import pipeline
 from machinery import offline_llm
-from machinery.model_client import metering
+from machinery.model_client import ReplyCutOff, metering
 from machinery.runtime import runtime
 
 DRAFT = offline_llm.write_draft("Cats")
@@ -78,8 +79,11 @@ def test_each_step_sends_its_prompt_and_the_settings_model():
     systems = [body["messages"][0]["content"] for body in transport.bodies]
     assert systems == [pipeline.WRITER_PROMPT, pipeline.CRITIC_PROMPT, pipeline.REVISER_PROMPT,
                        pipeline.SUMMARY_PROMPT]
-    assert all(body["model"] == runtime.settings.model_name and body["temperature"] == 0.2
-               for body in transport.bodies)
+    assert all(body["model"] == runtime.model_name and body["temperature"] == 0.2 for body in transport.bodies)
+    settings = runtime.settings
+    assert [body["max_tokens"] for body in transport.bodies] == [
+        settings.max_tokens_report, settings.max_tokens_critique, settings.max_tokens_report,
+        settings.max_tokens_summary], "each step's own reply limit"
     json_mode = [body.get("response_format") for body in transport.bodies]
     assert json_mode == [None, {"type": "json_object"}, None, None], "only the critic asks for JSON"
     revise = transport.prompts("reviser")[0]
@@ -92,10 +96,19 @@ def test_a_revision_without_improvements_still_asks_for_something():
     assert "- Tighten the wording." in transport.prompts("reviser")[0]
 
 
-def test_call_llm_uses_the_model_in_force():
-    with runtime.configured(backend="openai", model="gpt-4.1-mini"), scripted_model() as transport:
-        asyncio.run(pipeline.call_llm("You are a report writer.", "Topic: Cats"))
-    assert transport.bodies[0]["model"] == "gpt-4.1-mini"
+def test_call_llm_uses_the_model_and_the_reply_limits_in_force():
+    with runtime.configured(backend="openai", model="gpt-4.1-mini", max_tokens_report=700, max_tokens_summary=90), \
+            scripted_model() as transport:
+        asyncio.run(pipeline.call_llm("Cats", "draft", "You are a report writer.", "Topic: Cats"))
+        asyncio.run(pipeline.call_llm("Cats", "summary", pipeline.SUMMARY_PROMPT, "Topic: Cats"))
+    assert [(body["model"], body["max_tokens"]) for body in transport.bodies] == [("gpt-4.1-mini", 700),
+                                                                                ("gpt-4.1-mini", 90)]
+
+
+def test_call_llm_refuses_a_step_without_a_reply_limit():
+    with scripted_model() as transport, pytest.raises(ValueError, match="step 'polish' is not one of draft, "):
+        asyncio.run(pipeline.call_llm("Cats", "polish", "You are a report writer.", "Topic: Cats"))
+    assert transport.log == []
 
 
 def test_usage_adds_up_over_the_steps():
@@ -211,3 +224,91 @@ def test_validation_summary_is_short_and_names_the_fields():
 
 def test_current_run_is_empty_outside_a_task():
     assert pipeline.current_run() == ""
+
+
+# ----------------------------------------------------------------------------------------- replies cut off
+
+
+class CutOff(ScriptedTransport):
+    """The offline model (its replies rewritten by ``rewrite``, if given), except that the replies in ``role``
+    numbered in ``cut`` (1: the first) stop at their limit, unfinished: ``finish_reason`` "length", as a
+    server says when ``max_tokens`` ends a reply."""
+
+    def __init__(self, role: str, cut: set[int], rewrite: Rewrite | None = None) -> None:
+        super().__init__(rewrite)
+        self.role, self.cut = role, cut
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await super().handle_async_request(request)
+        if not request.url.path.endswith("/chat/completions") or self.count(self.role) not in self.cut \
+                or self.log[-1][0] != self.role:
+            return response
+        payload = json.loads(response.content)
+        choice = payload["choices"][0]
+        choice["message"]["content"], choice["finish_reason"] = choice["message"]["content"][:40], "length"
+        return httpx2.Response(200, json=payload)
+
+
+def test_a_critique_cut_off_gets_the_repair_request_saying_so():
+    transport = CutOff("critic", cut={1})
+    with runtime.use_transport(transport):
+        critique, usage = run_metered(pipeline.critique_draft, "Cats", DRAFT)
+    first, repair = transport.prompts("critic")
+    assert repair.startswith(f"Topic: Cats\n\n{offline_llm.REPAIR_REQUEST}: it was cut off at the limit of 500 "
+                             "tokens; keep every string short\n"), repair[:200]
+    assert critique == pipeline.Critique.model_validate(offline_llm.critique(DRAFT, "Cats"))
+    assert (usage.requests, usage.cut_off) == (2, 1)
+
+
+def test_a_critique_cut_off_twice_is_a_critique_error_naming_the_setting():
+    with runtime.use_transport(CutOff("critic", cut={1, 2})), pytest.raises(pipeline.CritiqueError) as caught:
+        asyncio.run(pipeline.critique_draft("Cats", DRAFT))
+    assert str(caught.value) == ("The critic's reply for 'Cats' was invalid twice (after one repair request): the "
+                                 "reply hit the limit of 500 tokens (raise REPORT_MAX_TOKENS_CRITIQUE for longer "
+                                 "replies)")
+
+
+def test_an_invalid_critique_whose_repair_is_cut_off_says_it_hit_the_limit():
+    transport = CutOff("critic", cut={2}, rewrite=replies_in_turn("critic", "not json"))
+    with runtime.use_transport(transport), pytest.raises(pipeline.CritiqueError) as caught:
+        asyncio.run(pipeline.critique_draft("Cats", DRAFT))
+    assert "Invalid JSON" in transport.prompts("critic")[1], "the repair quoted the first problem"
+    assert str(caught.value).endswith("the reply hit the limit of 500 tokens (raise REPORT_MAX_TOKENS_CRITIQUE for "
+                                      "longer replies)")
+
+
+STEPS = {  # step -> (role, how to run it, the prompt it sends, the setting of its limit)
+    "draft": ("writer", lambda: pipeline.write_draft("Cats"), pipeline.WRITER_PROMPT, "REPORT_MAX_TOKENS_REPORT"),
+    "revision": ("reviser", lambda: pipeline.revise_draft("Cats", DRAFT, ["Add a conclusion."]),
+                 pipeline.REVISER_PROMPT, "REPORT_MAX_TOKENS_REPORT"),
+    "summary": ("summarizer", lambda: pipeline.summarize_report("Cats", DRAFT), pipeline.SUMMARY_PROMPT,
+                "REPORT_MAX_TOKENS_SUMMARY"),
+}
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_a_text_cut_off_is_asked_once_more_for_a_shorter_one(step):
+    role, run, system, _ = STEPS[step]
+    transport = CutOff(role, cut={1})
+    with runtime.use_transport(transport):
+        text, usage = run_metered(run)
+    assert transport.count(role) == 2 and (usage.requests, usage.cut_off) == (2, 1)
+    first, second = (body for body, (r, _) in zip(transport.bodies, transport.log) if r == role)
+    limit = first["max_tokens"]
+    assert first["messages"][0]["content"] == system
+    assert second["messages"][0]["content"] == (
+        f"{system}\nYour last reply was cut off at {limit} tokens: keep this one under {limit // 2} words.")
+    assert second["messages"][1:] == first["messages"][1:] and second["max_tokens"] == limit
+    assert len(text) > 40, "the second, whole reply"
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_a_text_cut_off_twice_ends_the_topic_naming_the_setting(step):
+    role, run, _, setting = STEPS[step]
+    transport = CutOff(role, cut={1, 2})
+    with runtime.use_transport(transport), pytest.raises(ReplyCutOff) as caught:
+        asyncio.run(run())
+    limit = runtime.settings.reply_limit(step)
+    assert str(caught.value) == (f'Cats: the {step} hit the reply limit of {limit} tokens and was cut off '
+                                 f'(finish_reason "length"). Raise {setting} for longer replies.')
+    assert transport.count(role) == 2, "one shorter retry, no more"

@@ -38,7 +38,9 @@ TWENTY = [f"Resilience topic {i:02d}" for i in range(20)]
 
 
 def run_against(server: FaultyServer, topics: list[str], out: Path, run_id: str, **configuration):
-    with served_by(server, model="gpt-4o-mini", request_timeout=0.5, client_retries=3,
+    # A "timeout" fault is a reply 0.8 s late, within the call's deadline: a reply past the deadline ends
+    # its topic (ModelTimeout, test_local_model.py), so here every fault is one the retries can ride out.
+    with served_by(server, model="gpt-4o-mini", request_timeout=3.0, client_retries=3,
                    reply_cache=out / f"{run_id}-replies.sqlite3", **configuration):
         return pipeline.run_batch(topics, max_iterations=3, quality_threshold=9, report_date="2026-11-29",
                                   output_dir=out, run_id=run_id, flyte_cache=False)
@@ -75,7 +77,7 @@ def test_a_topic_beyond_every_retry_budget_fails_alone_and_clearly(tmp_path, api
     assert rows["Doomed topic"]["status"] == "error"
     assert rows["Doomed topic"]["error"].startswith("InternalServerError: ")
     assert "injected 503" in rows["Doomed topic"]["error"]
-    # the openai client tried 4 times per task attempt, and Flyte attempted the task 4 times
+    # complete() tried 4 times per task attempt (a 503 is retried), and Flyte attempted the task 4 times
     assert server.faults["503"] == 4 * 4
     assert "Doomed topic" in batch.index_path.read_text(encoding="utf-8")
 
@@ -143,7 +145,7 @@ def test_a_canary_key_never_leaves_the_process(tmp_path):
     project = make_scratch_project(tmp_path / "project")
     with FaultyServer(fault_percent=30) as server:
         env = scratch_environment(project, OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY=CANARY,
-                                  REPORT_REQUEST_TIMEOUT="0.5", LOG_LEVEL="debug")
+                                  REPORT_REQUEST_TIMEOUT="3", LOG_LEVEL="debug")
         env.pop("REPORT_BACKEND")
         cli = subprocess.run([sys.executable, "pipeline.py", "Cats", "Doomed topic", "--run-id", "cli",
                               "--date", "2026-11-29"], cwd=project, env=env, capture_output=True, text=True,

@@ -55,7 +55,8 @@ def batch(tmp_path) -> BatchResult:
     work = tmp_path / "work"
     reports = [finished("Cats", work), failed("Doomed"), finished(HOSTILE, work, scores=(10,))]
     return BatchResult(run_id="r1", run_dir=tmp_path / "out" / "r1", report_date="2026-11-29", model="m",
-                       reports=reports, llm_usage=Usage(requests=5, prompt_tokens=110, completion_tokens=55),
+                       reports=reports, llm_usage=Usage(requests=7, prompt_tokens=110, completion_tokens=55, retries=1,
+                                                        timed_out=1, cut_off=1),
                        cached_topics=[HOSTILE],
                        pacing=PaceStats(rate_limited=2, pauses=1, paused_seconds=1.5, peak_in_flight=3, window=4,
                                         ceiling=64))
@@ -66,7 +67,8 @@ def test_rows_describe_every_topic(batch):
     assert cats == {
         "topic": "Cats", "slug": batch.reports[0].slug, "status": "ok", "iterations": 2, "final_score": 9,
         "score_history": [6, 9], "improvements_history": [["fix 1"], ["fix 2"]], "cached": False,
-        "usage": {"requests": 5, "cache_hits": 0, "prompt_tokens": 110, "completion_tokens": 55, "total_tokens": 165},
+        "usage": {"requests": 5, "cache_hits": 0, "prompt_tokens": 110, "completion_tokens": 55, "retries": 0,
+                  "timed_out": 0, "cut_off": 0, "total_tokens": 165},
         "files": {name: f"{batch.reports[0].slug}/{name}" for name in REPORT_FILES}, "error": None,
     }
     assert doomed["status"] == "error" and doomed["files"] == {} and doomed["final_score"] is None
@@ -78,8 +80,9 @@ def test_rows_describe_every_topic(batch):
 def test_summary_document_counts_and_holds_no_absolute_path(batch):
     summary = summary_document(batch)
     assert summary["totals"] == {"topics": 3, "succeeded": 2, "failed": 1, "cached": 1,
-                                 "llm_usage": {"requests": 5, "cache_hits": 0, "prompt_tokens": 110,
-                                               "completion_tokens": 55, "total_tokens": 165},
+                                 "llm_usage": {"requests": 7, "cache_hits": 0, "prompt_tokens": 110,
+                                               "completion_tokens": 55, "retries": 1, "timed_out": 1, "cut_off": 1,
+                                               "total_tokens": 165},
                                  "pacing": {"rate_limited": 2, "unavailable": 0, "gave_up": 0, "pauses": 1,
                                             "paused_seconds": 1.5, "peak_in_flight": 3, "window": 4,
                                             "ceiling": 64}}

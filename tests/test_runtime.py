@@ -117,7 +117,7 @@ def test_new_settings_make_new_clients():
     first, inside, after = asyncio.run(scenario())
     assert inside is not first and inside.timeout == 7.0
     assert after is not inside and after.timeout == Settings.request_timeout
-    assert first.max_retries == runtime.settings.client_retries
+    assert first.max_retries == 0, "model_client.complete retries, within one deadline"
 
 
 def test_one_client_per_event_loop_across_notebook_and_flyte_loops(tmp_path):
@@ -137,7 +137,7 @@ def test_one_client_per_event_loop_across_notebook_and_flyte_loops(tmp_path):
 
 def test_use_transport_answers_every_client_made_in_the_block_and_restores_after():
     async def ask(topic):
-        return await complete(draft_request(topic))
+        return await complete(draft_request(topic), topic="Cats", step="draft")
 
     with runtime.configured(reply_cache=None):
         outside = ScriptedTransport()
@@ -163,7 +163,7 @@ def test_use_transport_replaces_a_client_made_before_the_block():
         before = runtime.client()
         with scripted_model(lambda *_: "scripted") as transport:
             inside = runtime.client()
-            text = await complete(draft_request("Cats"))
+            text = await complete(draft_request("Cats"), topic="Cats", step="draft")
         return before, inside, runtime.client(), text, transport
 
     before, inside, after, text, transport = asyncio.run(scenario())
@@ -187,11 +187,12 @@ def test_use_client_replaces_the_client_itself_for_the_block():
     canned = Canned()
     with runtime.configured(reply_cache=None):
         with runtime.use_client(canned):
-            assert asyncio.run(complete(draft_request("Cats"))) == "canned m"
+            assert asyncio.run(complete(draft_request("Cats"), topic="Cats", step="draft")) == "canned m"
             with pytest.raises(LookupError), runtime.use_client(None):
                 raise LookupError
-            assert asyncio.run(complete(draft_request("Dogs"))) == "canned m"
-        assert asyncio.run(complete(draft_request("Cats"))) == offline_llm.write_draft("Cats")
+            assert asyncio.run(complete(draft_request("Dogs"), topic="Cats", step="draft")) == "canned m"
+        cats = asyncio.run(complete(draft_request("Cats"), topic="Cats", step="draft"))
+        assert cats == offline_llm.write_draft("Cats")
     assert canned.calls == 2
 
 
@@ -213,8 +214,8 @@ def test_the_runtime_pickles_as_a_reference_to_the_process_runtime():
 def test_requests_sent_counts_every_request():
     before = runtime.requests_sent.value
     with runtime.configured(reply_cache=None), scripted_model():
-        asyncio.run(complete(draft_request("Cats")))
-        asyncio.run(complete(draft_request("Cats")))
+        asyncio.run(complete(draft_request("Cats"), topic="Cats", step="draft"))
+        asyncio.run(complete(draft_request("Cats"), topic="Cats", step="draft"))
     assert runtime.requests_sent.value - before == 2
 
 
@@ -222,7 +223,7 @@ def test_the_cap_holds_across_event_loops():
     """A notebook's loop and Flyte's loop share one cap on requests in flight."""
 
     async def many(prefix):
-        await asyncio.gather(*(complete(draft_request(f"{prefix} {i}")) for i in range(8)))
+        await asyncio.gather(*(complete(draft_request(f"{prefix} {i}"), topic="Cats", step="draft") for i in range(8)))
 
     with runtime.configured(max_concurrency=2, reply_cache=None), \
             runtime.use_transport(offline_llm.OfflineTransport(latency=0.02)):
@@ -289,7 +290,8 @@ def test_a_long_pause_is_one_event_for_the_whole_batch(monkeypatch):
     events = []
 
     async def three():
-        return await asyncio.gather(*(complete(draft_request(f"Topic {i}")) for i in range(3)))
+        return await asyncio.gather(*(complete(draft_request(f"Topic {i}"), topic=f"Topic {i}", step="draft")
+                                      for i in range(3)))
 
     with runtime.configured(reply_cache=None), runtime.use_transport(LimitedOnce()), \
             runtime.listening(events.append):
@@ -311,7 +313,7 @@ def test_a_batch_reports_every_step_to_its_listener(tmp_path):
 
 
 def test_the_backend_is_announced_once_and_never_shows_the_key(capsys, api_key):
-    fresh = Runtime(Settings(backend="openai", base_url="http://127.0.0.1:1/v1"))
+    fresh = Runtime(Settings(backend="openai", base_url="http://127.0.0.1:1/v1", model="gpt-4o-mini"))
     fresh.announce_backend()
     fresh.announce_backend()
     out = capsys.readouterr().out

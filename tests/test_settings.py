@@ -29,6 +29,9 @@ KEY = "sk-canary-1234567890abcdef"
         ({"REPORT_RATE_LIMIT_PATIENCE": "-1"},
          "REPORT_RATE_LIMIT_PATIENCE='-1' must be a number of seconds, at least 0"),
         ({"REPORT_RATE_LIMIT_PATIENCE": "a while"}, "REPORT_RATE_LIMIT_PATIENCE='a while'"),
+        ({"REPORT_MAX_TOKENS_REPORT": "0"}, "REPORT_MAX_TOKENS_REPORT='0' must be a whole number of at least 1"),
+        ({"REPORT_MAX_TOKENS_CRITIQUE": "lots"}, "REPORT_MAX_TOKENS_CRITIQUE='lots' must be a whole number"),
+        ({"REPORT_MAX_TOKENS_SUMMARY": "1.5"}, "REPORT_MAX_TOKENS_SUMMARY='1.5' must be a whole number"),
     ],
 )
 def test_bad_settings_are_named(environ, expected):
@@ -51,6 +54,12 @@ def test_defaults_with_an_empty_environment():
     assert settings.run_history is False and settings.client_retries == 3
     assert settings.max_concurrency == 64, "a ceiling: the pace's window finds what the server takes below it"
     assert settings.rate_limit_patience == 600.0
+    assert settings.model is None, "REPORT_MODEL unset: the name comes from OpenAI's default or the server"
+    limits = (settings.max_tokens_report, settings.max_tokens_critique, settings.max_tokens_summary)
+    assert limits == (1500, 500, 400)
+    longest = offline_llm.LONGEST_REPLY_TOKENS  # the offline model is never cut at the defaults
+    assert settings.max_tokens_critique > 3 * longest["critic"] and settings.max_tokens_summary > longest["summarizer"]
+    assert settings.max_tokens_report > longest["writer"]
 
 
 def test_backend_defaults_follow_the_environment():
@@ -85,8 +94,13 @@ def test_numbers_and_switches_are_parsed():
     settings = Settings.from_env({
         "REPORT_MAX_CONCURRENCY": "3", "REPORT_CLIENT_RETRIES": "0", "REPORT_REQUEST_TIMEOUT": "2.5",
         "REPORT_OFFLINE_LATENCY": "0.2", "REPORT_OFFLINE_LATENCY_PER_TOKEN": "0.01", "REPORT_RUN_HISTORY": "On",
-        "REPORT_MODEL": "qwen2.5:1.5b", "REPORT_RATE_LIMIT_PATIENCE": "90",
+        "REPORT_MODEL": "qwen2.5:1.5b", "REPORT_RATE_LIMIT_PATIENCE": "90", "REPORT_MAX_TOKENS_REPORT": "900",
+        "REPORT_MAX_TOKENS_CRITIQUE": "300", "REPORT_MAX_TOKENS_SUMMARY": "200",
     })
+    assert [settings.reply_limit(step) for step in ("draft", "revision", "critique", "summary")] == [900, 900, 300, 200]
+    assert [settings.reply_limit_variable(step) for step in ("draft", "revision", "critique", "summary")] == [
+        "REPORT_MAX_TOKENS_REPORT", "REPORT_MAX_TOKENS_REPORT", "REPORT_MAX_TOKENS_CRITIQUE",
+        "REPORT_MAX_TOKENS_SUMMARY"]
     assert (settings.max_concurrency, settings.client_retries, settings.request_timeout) == (3, 0, 2.5)
     assert settings.rate_limit_patience == 90.0
     assert Settings.from_env({"REPORT_RATE_LIMIT_PATIENCE": "0"}).rate_limit_patience == 0.0, "0: fail on a 429"
@@ -106,6 +120,9 @@ def test_endpoint_and_model_name_follow_the_backend():
     assert Settings(backend="openai", base_url="http://127.0.0.1:8765/v1").endpoint == "http://127.0.0.1:8765/v1"
     assert Settings(model="gpt-4.1").model_name == offline_llm.MODEL_VERSION, "offline ignores REPORT_MODEL"
     assert Settings(backend="openai", model="gpt-4.1").model_name == "gpt-4.1"
+    assert Settings(backend="openai").model_name == "gpt-4o-mini", "OpenAI's API: the default model"
+    local = Settings(backend="openai", base_url="http://127.0.0.1:8765/v1")
+    assert local.model_name is None, "another server, no REPORT_MODEL: runtime asks the server"
 
 
 def test_openai_backend_without_a_key_fails_before_any_call(monkeypatch):
@@ -119,8 +136,12 @@ def test_openai_backend_without_a_key_fails_before_any_call(monkeypatch):
 
 def test_task_env_vars_carry_the_model_and_never_the_key_or_a_local_path():
     local = Settings.from_env({"REPORT_REPLY_CACHE": "/somewhere/replies.sqlite3"})
-    assert local.task_env_vars() == {"REPORT_BACKEND": "offline", "REPORT_MODEL": "gpt-4o-mini",
-                                     "REPORT_REPLY_CACHE": "off"}
+    assert local.task_env_vars() == {"REPORT_BACKEND": "offline", "REPORT_REPLY_CACHE": "off"}
+    openai_api = Settings.from_env({"OPENAI_API_KEY": KEY})
+    assert openai_api.task_env_vars() == {"REPORT_BACKEND": "openai", "REPORT_MODEL": "gpt-4o-mini",
+                                          "REPORT_REPLY_CACHE": "off"}
+    unnamed = Settings.from_env({"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": "http://10.0.0.5:8000/v1"})
+    assert "REPORT_MODEL" not in unnamed.task_env_vars(), "runtime adds the served name once it has asked"
     remote = Settings.from_env({"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": "http://10.0.0.5:8000/v1",
                                 "REPORT_MODEL": "llama3"})
     assert remote.task_env_vars() == {"REPORT_BACKEND": "openai", "REPORT_MODEL": "llama3",
@@ -145,6 +166,9 @@ def test_the_key_never_appears_in_what_settings_show(monkeypatch):
 def test_describe_says_which_model_writes():
     assert Settings().describe().startswith(f"offline model {offline_llm.MODEL_VERSION}")
     assert Settings(backend="openai").describe() == f"model gpt-4o-mini at {OPENAI_URL} (OpenAI-compatible)"
+    local = Settings(backend="openai", base_url="http://127.0.0.1:8765/v1")
+    assert local.describe() == "model served at http://127.0.0.1:8765/v1 (OpenAI-compatible)"
+    assert local.describe("qwen") == "model qwen at http://127.0.0.1:8765/v1 (OpenAI-compatible)"
 
 
 def test_project_root_is_the_repository():

@@ -1,0 +1,64 @@
+"""Progress events (``runtime.listening``) as console lines, one line per event worth a line.
+
+* ``print_notable``: a wait a person should know about: a retry, a call still waiting after
+  ``model_client.STILL_WAITING_AFTER`` seconds, a timeout, a reply cut off at its limit (each naming the
+  topic and the step), and a pause for the server's rate limit. ``run_batch`` always listens with it,
+  so a terminal and a papermill log show them; ordinary steps print nothing, so an offline run's
+  output does not change.
+* ``StepLines()``: a topic's ordinary steps (draft, each round's critique, score and revision,
+  formatting, done or failed), for the command line, which shows progress like the explorer's.
+
+The event shapes are in ``machinery.runtime``'s docstring.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def notable_line(event: dict[str, Any]) -> str | None:
+    """The line for a notable event; None for an ordinary step."""
+    step, topic, call = event.get("step"), event.get("topic"), event.get("call")
+    if step == "rate-limited":
+        return f"  rate limit: new requests wait {event['seconds']:.1f} s ({event['reason']})"
+    if step == "still-waiting":
+        return f"  {topic}: still waiting for the {call} after {event['seconds']:g} s"
+    if step == "retrying":
+        return f"  {topic}: retrying the {call} (attempt {event['attempt']} of {event['attempts']}): {event['reason']}"
+    if step == "timed-out":
+        return f"  {topic}: the {call} got no reply within {event['seconds']:g} s (REPORT_REQUEST_TIMEOUT)"
+    if step == "cut-off":
+        return f"  {topic}: the {call} was cut off at the reply limit of {event['limit']} tokens"
+    return None
+
+
+def print_notable(event: dict[str, Any]) -> None:
+    """A progress listener: one line per notable event (``notable_line``), nothing for ordinary steps."""
+    if (line := notable_line(event)) is not None:
+        print(line, flush=True)
+
+
+class StepLines:
+    """A progress listener that prints one line per ordinary step of each topic."""
+
+    def __init__(self) -> None:
+        self._rounds: dict[str, int] = {}  # topic -> rounds scored so far, for its "done" line
+
+    def line(self, event: dict[str, Any]) -> str | None:
+        step, topic, round_ = event.get("step"), event.get("topic"), event.get("iteration")
+        if step == "scored":
+            self._rounds[topic] = round_
+        text = {
+            "draft": "draft",
+            "critique": f"round {round_} critique",
+            "scored": f"score {event.get('score')}/10",
+            "revise": f"round {round_} revision",
+            "format": "formatting",
+            "done": f"done, score {event.get('score')}/10 after {self._rounds.get(topic, 0)} round(s)",
+            "error": "failed",
+        }.get(step)
+        return f"  {topic}: {text}" if text and topic is not None else None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if (line := self.line(event)) is not None:
+            print(line, flush=True)

@@ -1,0 +1,51 @@
+"""machinery/progress.py: progress events as console lines, one per event worth a line."""
+
+from __future__ import annotations
+
+import pytest
+
+from machinery.progress import StepLines, notable_line, print_notable
+
+NOTABLE = [
+    ({"topic": "Cats", "step": "retrying", "call": "draft", "attempt": 2, "attempts": 4,
+      "reason": "HTTP 503 from the server"},
+     "  Cats: retrying the draft (attempt 2 of 4): HTTP 503 from the server"),
+    ({"topic": "Cats", "step": "still-waiting", "call": "critique", "seconds": 10.0},
+     "  Cats: still waiting for the critique after 10 s"),
+    ({"topic": "Cats", "step": "timed-out", "call": "revision", "seconds": 120.0},
+     "  Cats: the revision got no reply within 120 s (REPORT_REQUEST_TIMEOUT)"),
+    ({"topic": "Cats", "step": "cut-off", "call": "summary", "limit": 400},
+     "  Cats: the summary was cut off at the reply limit of 400 tokens"),
+    ({"topic": None, "step": "rate-limited", "seconds": 2.0, "reason": "HTTP 429 from the server, retry after 2.0 s"},
+     "  rate limit: new requests wait 2.0 s (HTTP 429 from the server, retry after 2.0 s)"),
+]
+
+
+@pytest.mark.parametrize(("event", "line"), NOTABLE, ids=[event["step"] for event, _ in NOTABLE])
+def test_each_notable_event_is_one_line(event, line, capsys):
+    assert notable_line(event) == line
+    print_notable(event)
+    assert capsys.readouterr().out == line + "\n"
+
+
+def test_ordinary_steps_print_nothing_so_offline_outputs_do_not_change(capsys):
+    for step in ("draft", "critique", "scored", "revise", "format", "done", "error"):
+        print_notable({"topic": "Cats", "step": step, "iteration": 1, "score": 7})
+    assert capsys.readouterr().out == ""
+
+
+def test_step_lines_follow_a_topic_through_its_rounds(capsys):
+    lines = StepLines()
+    events = [{"step": "draft"}, {"step": "critique", "iteration": 1}, {"step": "scored", "iteration": 1, "score": 6},
+              {"step": "revise", "iteration": 1}, {"step": "critique", "iteration": 2},
+              {"step": "scored", "iteration": 2, "score": 8}, {"step": "format"}, {"step": "done", "score": 8},
+              {"step": "cut-off", "call": "draft", "limit": 9}]
+    for event in events:
+        lines({"topic": "Why cats purr", **event})
+    lines({"topic": "Dogs", "step": "error", "error": "ModelTimeout: ..."})
+    lines({"topic": None, "step": "rate-limited", "seconds": 2.0, "reason": "429"})
+    assert capsys.readouterr().out.splitlines() == [
+        "  Why cats purr: draft", "  Why cats purr: round 1 critique", "  Why cats purr: score 6/10",
+        "  Why cats purr: round 1 revision", "  Why cats purr: round 2 critique", "  Why cats purr: score 8/10",
+        "  Why cats purr: formatting", "  Why cats purr: done, score 8/10 after 2 round(s)", "  Dogs: failed",
+    ], "one line per step; the waits are print_notable's, not repeated"
