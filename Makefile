@@ -3,13 +3,15 @@
 #   make test-fast   the unit tests, under a minute: no subprocess, kernel, browser or benchmark
 #   make test        the whole suite; installs Chromium, Java and fonts with apt if missing
 #   make lint        ruff
+#   make app         the report explorer as a web app on http://127.0.0.1:8866/ (APP_PORT=... for another port)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+APP_PORT ?= 8866
 TOPICS ?= "Quantum computing" "Why cats purr" "Remote work and small businesses"
 
-.PHONY: install report test test-fast lint system-deps bench notebooks lab clean
+.PHONY: install report app test test-fast lint system-deps bench notebooks lab clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed; run: make PYTHON=python3.12 ...")'
@@ -22,6 +24,10 @@ install: $(STAMP)
 
 report: install
 	$(PY) pipeline.py $(TOPICS) --max-iterations 4
+
+# Flyte's local serving of pipeline.app_env (Voila on apps/explorer.ipynb), on loopback only.
+app: install
+	APP_PORT=$(APP_PORT) $(PY) apps/serve.py
 
 test: install system-deps
 	$(PY) -m pytest

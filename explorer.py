@@ -1,6 +1,6 @@
 """Views for the notebooks: source slices, tables, charts, safe HTML previews, the
 interactive ``ReportExplorer`` and ``run_tree`` (a run's tasks, groups and traced calls,
-from Flyte's local run history).
+from Flyte's local run history); and ``ExplorerApp``, the explorer as a web app (apps/).
 
 Nothing here computes a result: every function takes what ``pipeline`` returned
 and shows it. All text that came from a model or a user is escaped before it
@@ -27,7 +27,7 @@ from typing import Any
 
 import pipeline
 from machinery.inputs import coerce_topics, validate_batch
-from machinery.model_client import BackendUnavailable
+from machinery.model_client import BackendUnavailable, Usage
 from machinery.run_output import REPORT_FILES
 from machinery.settings import PROJECT_ROOT
 
@@ -852,3 +852,150 @@ def _short_error(error: str, limit: int = 70) -> str:
     else:
         text = error.strip().splitlines()[0] if error.strip() else ""
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------- the app: saved runs, cluster runs
+
+
+def saved_runs(reports_dir: str | Path) -> list[Path]:
+    """The run folders in ``reports_dir`` (those with a ``summary.json``), the most recently written first."""
+    folder = Path(reports_dir)
+    runs = [path.parent for path in folder.glob("*/summary.json")] if folder.is_dir() else []
+    return sorted(runs, key=lambda run: ((run / "summary.json").stat().st_mtime, run.name), reverse=True)
+
+
+def load_run(run_dir: str | Path) -> list[tuple[pipeline.TopicReport, Path, dict[str, Any]]]:
+    """A saved run read back from its folder, as the explorer holds results: (report, run folder, row) per topic.
+
+    ``summary.json`` gives the rows (scores, improvements, tokens, errors) and each ``report.md`` the text.
+    A critique's strengths and one-line summary are not saved, so a reloaded history has the scores and the
+    improvements asked for, which is what the explorer shows.
+    """
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    loaded = []
+    for row in summary["topics"]:
+        result = None
+        if row["status"] == "ok":
+            markdown = (run_dir / row["slug"] / "report.md").read_text(encoding="utf-8")
+            body = markdown.split("\n---\n", 1)[1].lstrip("\n")  # the text after the front matter
+            history = [pipeline.Round(iteration=number, score=score, improvements=improvements, strengths=[],
+                                      summary="")
+                       for number, (score, improvements)
+                       in enumerate(zip(row["score_history"], row["improvements_history"]), start=1)]
+            result = pipeline.RefineResult(topic=row["topic"], markdown=body, history=history,
+                                           model=summary["model"], usage=Usage())
+        report = pipeline.TopicReport(topic=row["topic"], slug=row["slug"], result=result, error=row["error"])
+        loaded.append((report, run_dir, row))
+    return loaded
+
+
+APP_TARGETS = ("local", "cluster")
+
+
+def app_target(environ: Any = os.environ) -> str:
+    """Where the app's Run button runs the batch: ``local`` (in the app's kernel; the default) or ``cluster`` (a
+    remote run of the deployed task), from ``REPORT_APP_TARGET``, which ``pipeline.app_env`` sets on a cluster."""
+    target = environ.get("REPORT_APP_TARGET", "").strip().lower() or "local"
+    if target not in APP_TARGETS:
+        raise ValueError(f"REPORT_APP_TARGET must be one of {', '.join(APP_TARGETS)}, not {target!r}")
+    return target
+
+
+def start_cluster_run(task_name: str, inputs: dict[str, Any]) -> Any:
+    """Start the deployed task ``task_name`` on the cluster this app runs on; return the run (``.name``, ``.url``).
+
+    By name, at its latest version: the app environment deploys the pipeline's tasks with it
+    (``depends_on``), so nothing is pickled or bundled from the app's kernel. Not exercised by the tests,
+    which have no cluster: they substitute a runner of their own.
+    """
+    import flyte
+    import flyte.remote
+
+    flyte.init_in_cluster()  # the credentials and endpoint the cluster gives the app's container
+    return flyte.run(flyte.remote.Task.get(task_name, auto_version="latest"), **inputs)
+
+
+class ExplorerApp:
+    """The report explorer as an app (``apps/explorer.ipynb``, served by Voilà): the explorer above, plus the
+    runs saved in ``reports_dir`` to browse; on a cluster (``target="cluster"``) Run starts a remote run.
+
+    A view only, like the explorer: the Open button calls ``open_run``, a cluster's Run button calls
+    ``start_remote``; a notebook cell calling them gets the same result. ``start_run(task_name, inputs)``
+    starts a remote run (default ``start_cluster_run``).
+    """
+
+    def __init__(self, reports_dir: str | Path, target: str = "local", start_run: Any = start_cluster_run,
+                 **explorer_options: Any) -> None:
+        import ipywidgets as widgets
+
+        if target not in APP_TARGETS:
+            raise ValueError(f"target must be one of {', '.join(APP_TARGETS)}, not {target!r}")
+        self.reports_dir, self.target, self.start_run = Path(reports_dir), target, start_run
+        self.explorer = ReportExplorer(output_dir=self.reports_dir, **explorer_options)
+        self.remote_runs: list[Any] = []
+        self.runs = widgets.Dropdown(description="Saved run", layout=widgets.Layout(width="32rem"))
+        self.open_button = widgets.Button(description="Open", icon="folder-open",
+                                          tooltip="Show this run's reports below")
+        self.open_button.on_click(lambda _button: self.open_run(self.runs.value) if self.runs.value else None)
+        # When a Run finishes (the explorer enables its button last), its new folder joins the list.
+        self.explorer.run_button.observe(lambda change: self.refresh_runs() if not change["new"] else None,
+                                         names="disabled")
+        if target == "cluster":
+            self.explorer.run_button.on_click(self.explorer._clicked, remove=True)
+            self.explorer.run_button.on_click(self._clicked_remote)
+            self.explorer.backend.value = ("<small>Run starts <code>report_batch_pipeline</code> on the cluster"
+                                           "; its link appears below</small>")
+        self.refresh_runs()
+        self.widget = widgets.VBox([
+            widgets.HBox([self.runs, self.open_button]),
+            self.explorer.widget,
+        ])
+
+    def refresh_runs(self) -> list[Path]:
+        """List the saved runs again; the one selected stays selected, else the newest is."""
+        runs = saved_runs(self.reports_dir)
+        selected = self.runs.value
+        self.runs.options = [(run.name, run) for run in runs]
+        self.runs.value = selected if selected in runs else (runs[0] if runs else None)
+        return runs
+
+    def open_run(self, run_dir: str | Path) -> list[pipeline.TopicReport]:
+        """Show a saved run's reports in the explorer, beside the results already there."""
+        loaded = load_run(run_dir)
+        for report, folder, row in loaded:
+            self.explorer.results[report.topic] = (report, folder, row)
+        if loaded:
+            self.explorer._refresh_results(select=loaded[0][0].topic)
+        self.explorer._note(f"Showing saved run {Path(run_dir).name} ({len(loaded)} topic{'s' * (len(loaded) != 1)})"
+                            + (" with results of other runs." if len(self.explorer.results) > len(loaded) else "."))
+        return [report for report, _, _ in loaded]
+
+    def start_remote(self, topics: Any, max_iterations: int | None = None,
+                     quality_threshold: int | None = None) -> Any:
+        """Check the input as a local run would, start the batch on the cluster, and link to the run."""
+        max_iterations = self.explorer.iterations.value if max_iterations is None else max_iterations
+        quality_threshold = self.explorer.threshold.value if quality_threshold is None else quality_threshold
+        message = self.explorer.message
+        try:
+            checked = validate_batch(coerce_topics(topics), max_iterations, quality_threshold)
+            run = self.start_run(pipeline.report_batch_pipeline.name, {
+                "topics": checked, "max_iterations": max_iterations, "quality_threshold": quality_threshold})
+        except Exception as error:
+            shown = str(error) if isinstance(error, ValueError) else f"The run did not start: {error}"
+            message.value = f'<span style="color:#cf222e">{html.escape(shown)}</span>'
+            raise
+        self.remote_runs.append(run)
+        count = f"{len(checked)} topic{'s' * (len(checked) != 1)}"
+        url = str(getattr(run, "url", ""))
+        name = html.escape(str(getattr(run, "name", "")))
+        if re.match(r"https?://", url):  # a link only to a web page, never a javascript: or data: URL
+            link = f'<a href="{html.escape(url, quote=True)}" target="_blank" rel="noopener">{name}</a>'
+        else:
+            link = f"<code>{name}</code>"
+        message.value = f"Started run {link} on the cluster ({count}): its reports are in the run's outputs."
+        return run
+
+    def _clicked_remote(self, _button: Any) -> None:
+        with contextlib.suppress(Exception):  # shown in the message line by start_remote
+            self.start_remote(self.explorer.topics_box.value)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import flyte
+import flyte.app
 import flyte.errors
 import yaml
 from flyte.io import Dir
@@ -124,6 +125,37 @@ driver_env = flyte.TaskEnvironment(
 # Locally, Flyte ignores image, resources, reuse, secrets and env_vars: tasks run in this process
 # and see its environment (the key included). A cluster applies them all. The cache works in both.
 # {{/docs-fragment environments}}
+
+
+# {{docs-fragment app-environment}}
+# The report explorer as a web app: Voila runs apps/explorer.ipynb and shows only its widgets.
+app_env = flyte.app.AppEnvironment(
+    name="report-explorer",
+    # The pipeline's image plus what a notebook app needs: Voila, a kernel, the widgets and their chart.
+    image=image.with_pip_packages("voila>=0.5.13", "ipykernel>=6.29", "ipywidgets>=8.1", "matplotlib>=3.8"),
+    # The command, run where the code bundle is unpacked. 0.0.0.0: the cluster's router must reach it.
+    args=["voila", "apps/explorer.ipynb", "--template=explorer", "--port", "8080", "--no-browser",
+          "--Voila.ip=0.0.0.0"],
+    # Where Voila listens: the app's URL is routed to this port.
+    port=8080,
+    # Each open page runs the notebook in a kernel of its own; the batch itself runs as tasks.
+    resources=flyte.Resources(cpu=1, memory="2Gi"),
+    # By default a code bundle holds only the Python modules imported: add the app (its notebook and
+    # page template) and the views.
+    include=["apps", "explorer.py"],
+    # Where the app reads saved runs and writes new local ones, as REPORTS_DIR (relative: to the project).
+    # Not a RunOutput: it resolves, at deploy time, to one str, File or Dir, and report_batch_pipeline
+    # returns records. So on a cluster the Run button starts runs and links to them.
+    parameters=[flyte.app.Parameter(name="reports_dir", value="reports", env_var="REPORTS_DIR")],
+    # REPORT_APP_TARGET: on a cluster, Run starts report_batch_pipeline remotely (locally Flyte ignores
+    # env_vars: the batch runs in the app's kernel). JUPYTER_PATH: where Voila finds the page template.
+    env_vars={"REPORT_APP_TARGET": "cluster", "JUPYTER_PATH": "apps/jupyter"},
+    # Only people signed in to the cluster may open it (the default, stated): Run costs model tokens.
+    requires_auth=True,
+    # Deploying the app deploys the tasks its Run button starts.
+    depends_on=[driver_env],
+)
+# {{/docs-fragment app-environment}}
 
 
 # {{docs-fragment llm-call}}

@@ -21,4 +21,6 @@ Layers, each importing only the ones above it in this list:
 * ``files``         slugs, atomic writes and folder replacement
 * ``html_page``     the HTML5 document and Content-Security-Policy around every page
 * ``run_output``    ``save_run``: ``<reports>/<run-id>/`` with ``index.html`` and ``summary.json``
+* ``app_serving``   the report explorer app served locally through Flyte: ``APP_PORT``, Voila's command,
+                    waiting until it listens, stopping it and every kernel it started (``make app``)
 """

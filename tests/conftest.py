@@ -48,12 +48,18 @@ what a browser shows           test_browser.py (report pages, live JupyterLab an
 project hygiene                test_project.py (dependencies, docs fragments, import layers)
 benchmarks/bench.py            test_bench.py
 explorer.py                    test_explorer.py (views, the report explorer, run_tree)
+machinery/app_serving.py,      test_app.py (APP_PORT, the local command, ExplorerApp: saved runs and the
+explorer.py: ExplorerApp       cluster's Run button with a stand-in runner; the app's dry run for a cluster,
+                               the app notebook under papermill, `make app` stopped by Ctrl-C and SIGTERM)
+the served app in a browser    test_app_browser.py (Chromium: two topics run, hostile text inert, a saved
+                               run opened, every process stopped)
 tools/pipeline_diagram.py      test_diagram.py (the diagram matches pipeline.py)
 =============================  =====================================================================
 
 Shared test code: ``helpers.py`` (``ScriptedTransport`` and ``scripted_model``: the real openai
 client in front of a scripted offline model), ``fault_server.py`` (a loopback server that injects
-faults), ``hostile.py`` (hostile model output), ``deploy_dry_run.py`` (run by test_runtime.py).
+faults), ``hostile.py`` (hostile model output), ``deploy_dry_run.py`` (run by test_runtime.py),
+``app_dry_run.py`` (run by test_app.py).
 """
 
 from __future__ import annotations

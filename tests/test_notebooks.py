@@ -41,8 +41,8 @@ def matplotlib_font_cache():
     subprocess.run([sys.executable, "-c", "import matplotlib.pyplot"], check=True, capture_output=True)
 
 
-def test_there_are_seven_ordered_notebooks():
-    assert [p.name[:3] for p in NOTEBOOKS] == ["00_", "01_", "02_", "03_", "04_", "05_", "06_"]
+def test_there_are_eight_ordered_notebooks():
+    assert [p.name[:3] for p in NOTEBOOKS] == ["00_", "01_", "02_", "03_", "04_", "05_", "06_", "07_"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

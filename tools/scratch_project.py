@@ -18,7 +18,7 @@ MODULES = ("pipeline.py", "explorer.py")
 
 
 def make_scratch_project(destination: Path) -> Path:
-    """Copy the modules, the notebooks and the Flyte config into ``destination`` (a git repo)."""
+    """Copy the modules, the notebooks, the app and the Flyte config into ``destination`` (a git repo)."""
     destination.mkdir(parents=True, exist_ok=True)
     for module in MODULES:
         shutil.copy2(ROOT / module, destination / module)
@@ -28,6 +28,9 @@ def make_scratch_project(destination: Path) -> Path:
     shutil.copy2(ROOT / ".flyte" / "config.yaml", destination / ".flyte" / "config.yaml")
     shutil.copytree(ROOT / "notebooks", destination / "notebooks",
                     ignore=shutil.ignore_patterns(".ipynb_checkpoints", "reports"), dirs_exist_ok=True)
+    # The web app (notebook 07 serves it; its tests run it): its notebook and page template.
+    shutil.copytree(ROOT / "apps", destination / "apps",
+                    ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"), dirs_exist_ok=True)
     # Flyte finds .flyte/config.yaml from a subfolder only through the git root.
     subprocess.run(["git", "init", "-q", str(destination)], check=True)
     return destination
