@@ -75,6 +75,14 @@ reviser, summariser) well enough to make the control flow real:
   would, so the score rises over several iterations;
 * the summariser picks the report's most representative sentences.
 
+A report names its topic in full in its title and introduction. A topic of more
+than ``SHORT_NAME_CHARS`` (40) characters is then referred to by a short form,
+as a writer would (``short_name``: its first words up to 40 characters, or its
+first 40 characters if it has no space there), so reports do not grow with the
+topic's length and stay within the pipeline's default reply limits for topics
+of any length ``machinery.inputs`` accepts. Shorter topics are named in full
+everywhere.
+
 Two markers in a topic (any letter case, anywhere in it) make the critic
 misbehave on purpose, so the notebooks can show the pipeline's critique repair
 and partial failure with no test double:
@@ -121,7 +129,7 @@ import httpx2
 
 # Bump when the model's behaviour changes: the pipeline folds it into its cache
 # keys, so a changed offline model never serves an old cached report.
-MODEL_VERSION = "offline-reporter-5"
+MODEL_VERSION = "offline-reporter-6"
 
 ASPECTS = (
     "Background",
@@ -267,6 +275,44 @@ def parse_request(body: dict[str, Any]) -> Request:
 # --------------------------------------------------------------------------- writing
 
 
+# A topic longer than this is named in full only in the title and the introduction; the rest of the report
+# refers to it by its short form (``short_name``), as a writer would, so replies do not grow with it.
+SHORT_NAME_CHARS = 40
+
+
+def _keywords_in(text: str) -> list[str]:
+    """The words of ``text`` (lower case, in order) that count as keywords, each cut to ``SHORT_NAME_CHARS``."""
+    return [w[:SHORT_NAME_CHARS] for w in re.findall(r"\w+", text.lower()) if w not in STOPWORDS and len(w) > 2]
+
+
+def short_name(topic: str) -> str:
+    """How the report's body refers to ``topic``: the topic itself if it has at most ``SHORT_NAME_CHARS``
+    characters, else its first words up to that many characters (a word boundary, no trailing stopwords or
+    punctuation), or its first ``SHORT_NAME_CHARS`` characters if its first word is longer. If that names none
+    of the topic's keywords (``_topic_keywords``, which the critic looks for in every section), its first word
+    that does instead. Never longer than ``SHORT_NAME_CHARS``.
+    """
+    if len(topic) <= SHORT_NAME_CHARS:
+        return topic
+    words = topic[: SHORT_NAME_CHARS + 1].split()
+    if len(words) > 1 and not topic[SHORT_NAME_CHARS].isspace():
+        words.pop()  # the word cut in half
+    if len(words) == 1 and len(words[0]) > SHORT_NAME_CHARS:  # one long word: cut it
+        words = [words[0][:SHORT_NAME_CHARS]]
+    while len(words) > 1 and (re.sub(r"\W+", "", words[-1]).lower() in STOPWORDS or not re.search(r"\w", words[-1])):
+        words.pop()
+    short = re.sub(r"[^\w)\]]+$", "", " ".join(words)) or " ".join(words)
+    keywords = _keywords_in(topic)
+
+    def names_a_keyword(name: str) -> bool:  # as the critic's focus check reads a section that names it
+        return any(keyword in f"{name} ".lower() for keyword in keywords)
+
+    if keywords and not names_a_keyword(short):
+        candidates = (word[:SHORT_NAME_CHARS] for word in re.findall(r"\w+", topic))
+        short = next((word for word in candidates if names_a_keyword(word)), keywords[0])
+    return short
+
+
 def _pick(options: tuple[str, ...], topic: str, salt: str) -> str:
     digest = hashlib.sha256(f"{salt}:{topic}".encode()).digest()
     return options[digest[0] % len(options)]
@@ -280,7 +326,8 @@ def _aspects_for(topic: str) -> list[str]:
 def _section(topic: str, aspect: str, sentences: int) -> str:
     pool = ASPECT_SENTENCES[aspect]
     start = hashlib.sha256(f"{aspect}:{topic}".encode()).digest()[0] % len(pool)
-    body = " ".join(pool[(start + i) % len(pool)].format(topic=topic) for i in range(sentences))
+    name = short_name(topic)
+    body = " ".join(pool[(start + i) % len(pool)].format(topic=name) for i in range(sentences))
     return f"## {aspect}\n\n{body}"
 
 
@@ -332,8 +379,8 @@ def _sections(markdown: str) -> list[tuple[str, str]]:
 
 
 def _topic_keywords(topic: str) -> set[str]:
-    words = {w for w in re.findall(r"\w+", topic.lower()) if w not in STOPWORDS and len(w) > 2}
-    return words or {topic.lower().strip()}
+    """The words a section must mention one of (the short form itself for a topic without any)."""
+    return set(_keywords_in(topic)) or {short_name(topic).lower().strip()}
 
 
 def measure(markdown: str, topic: str) -> dict[str, float]:
@@ -400,10 +447,11 @@ def _word_count(text: str) -> int:
 
 def _expand(markdown: str, topic: str) -> str:
     """Lengthen every body section, then add whole sections until the report is long enough."""
+    name = short_name(topic)
     out = []
     for block in re.split(r"(?=^## )", markdown, flags=re.MULTILINE):
         heading = block.splitlines()[0][3:].strip() if block.startswith("## ") else ""
-        extra = [s.format(topic=topic) for s in ASPECT_SENTENCES.get(heading, ()) if s.format(topic=topic) not in block]
+        extra = [s.format(topic=name) for s in ASPECT_SENTENCES.get(heading, ()) if s.format(topic=name) not in block]
         if extra:
             block = block.rstrip() + " " + " ".join(extra) + "\n\n"
         out.append(block)
@@ -418,7 +466,7 @@ def _expand(markdown: str, topic: str) -> str:
         expanded = re.sub(
             r"^## (?!Introduction|Conclusion)(.+)\n\n(.+)$",
             lambda m: f"## {m[1]}\n\n{m[2]} "
-            + " ".join(e.format(topic=topic, aspect=m[1].lower()) for e in ELABORATIONS),
+            + " ".join(e.format(topic=name, aspect=m[1].lower()) for e in ELABORATIONS),
             expanded,
             flags=re.MULTILINE,
         )
@@ -426,26 +474,27 @@ def _expand(markdown: str, topic: str) -> str:
 
 
 def _add_examples(markdown: str, topic: str) -> str:
-    examples = " ".join(s.format(topic=topic) for s in EXAMPLE_SENTENCES[:2])
+    examples = " ".join(s.format(topic=short_name(topic)) for s in EXAMPLE_SENTENCES[:2])
     return _insert_before_conclusion(markdown, f"## Examples in Practice\n\n{examples}")
 
 
 def _add_figures(markdown: str, topic: str) -> str:
     seed = hashlib.sha256(topic.encode()).digest()
+    name = short_name(topic)
     bullets = "\n".join(
         [
-            f"- Around {20 + seed[1] % 60}% of surveyed teams mention {topic} in their plans.",
-            f"- Pilot projects on {topic} typically run for {2 + seed[2] % 10} to {12 + seed[3] % 12} weeks.",
+            f"- Around {20 + seed[1] % 60}% of surveyed teams mention {name} in their plans.",
+            f"- Pilot projects on {name} typically run for {2 + seed[2] % 10} to {12 + seed[3] % 12} weeks.",
             f"- {3 + seed[4] % 7} out of 10 early adopters report measurable savings.",
         ]
     )
-    return _insert_before_conclusion(markdown, f"## Key Figures\n\nIllustrative figures for {topic}:\n\n{bullets}")
+    return _insert_before_conclusion(markdown, f"## Key Figures\n\nIllustrative figures for {name}:\n\n{bullets}")
 
 
 def _add_conclusion(markdown: str, topic: str) -> str:
     return (
         markdown.rstrip()
-        + f"\n\n## Conclusion\n\n{topic} is worth the effort when it starts small, has clear owners and is "
+        + f"\n\n## Conclusion\n\n{short_name(topic)} is worth the effort when it starts small, has clear owners and is "
         "reviewed regularly. The sections above outline the benefits, the risks and the first steps.\n"
     )
 
@@ -467,7 +516,7 @@ def _focus(markdown: str, topic: str) -> str:
     out = []
     for block in re.split(r"(?=^## )", markdown, flags=re.MULTILINE):
         if block.startswith("## ") and not any(k in block.lower() for k in keywords):
-            block = block.rstrip() + f" This matters directly for {topic}.\n\n"
+            block = block.rstrip() + f" This matters directly for {short_name(topic)}.\n\n"
         out.append(block)
     return "".join(out)
 
@@ -553,11 +602,14 @@ def estimate_tokens(text: str) -> int:
 
 
 # The longest reply each role gives, in estimated tokens: measured over drafts, ten rounds of critique and
-# revision, and summaries of every version, for the tutorial's topics and for topics up to the 200 characters
-# ``machinery.inputs`` allows. Replies grow with the topic's length, as the reports repeat it: for topics of up
-# to 40 characters the longest are 380 (writer), 1210 (reviser), 130 (critic) and 90 (summarizer). The longest
-# revisions come from 200-character topics with no spaces. A reply limit above these never cuts this model.
-LONGEST_REPLY_TOKENS = {"writer": 860, "reviser": 2730, "critic": 130, "summarizer": 210}
+# revision, and summaries of every version, for the tutorial's topics and thousands of topics up to the 200
+# characters ``machinery.inputs`` allows, with spaces and without. A report names its topic in full only in the
+# title and the introduction, and by ``short_name`` (at most ``SHORT_NAME_CHARS`` characters) everywhere else,
+# so a longer topic adds to those two mentions only: for topics of up to 40 characters the longest are 380
+# (writer), 1210 (reviser), 130 (critic) and 90 (summarizer); the longest below come from 200-character topics
+# whose short form is a full 40 characters (no spaces in the first 40). A reply limit at or above these never
+# cuts this model, and the pipeline's defaults (1500 for a report, 500 a critique, 400 a summary) are above them.
+LONGEST_REPLY_TOKENS = {"writer": 461, "reviser": 1289, "critic": 130, "summarizer": 130}
 
 
 class ContextExceededError(OfflineModelError):

@@ -56,8 +56,8 @@ class Settings:
     client_retries: int = 3
     # The most tokens each step's reply may have (max_tokens in every request). A small local model
     # without a limit writes until its context is full; a reply that reaches it ends with
-    # finish_reason "length" and is handled as cut off. The offline model's longest replies (topics up
-    # to 40 characters) are 1210 tokens for a revision, 130 for a critique and 90 for a summary.
+    # finish_reason "length" and is handled as cut off. The offline model stays below them for any topic
+    # (offline_llm.LONGEST_REPLY_TOKENS: at most 1289 tokens for a revision, 130 for a critique or a summary).
     max_tokens_report: int = 1500  # a draft or a revision: the prompt asks for 500-800 words
     max_tokens_critique: int = 500  # the critic's JSON
     max_tokens_summary: int = 400  # two or three short paragraphs

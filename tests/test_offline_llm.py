@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 
 import pytest
@@ -617,9 +618,14 @@ def test_cutting_to_tokens():
 
 
 def test_the_longest_replies_stay_within_the_documented_bounds():
-    """LONGEST_REPLY_TOKENS, which reply limits must stay above, over ten rounds for short and 200-character topics."""
+    """LONGEST_REPLY_TOKENS, which reply limits must stay above, over ten rounds for short and 200-character topics.
+
+    The last three topics are the longest-replying (reviser, writer, summarizer) of thousands of 200-character
+    topics measured: 200 characters with no space, so a short form of a full 40 characters.
+    """
     topics = ["Quantum computing", "Why cats purr", "Remote work and small businesses", "The history of tea",
-              "Kubernetes cost optimisation", "日本の茶道", "x" * 200, "茶" * 200, ("tea and cats " * 20)[:200]]
+              "Kubernetes cost optimisation", "日本の茶道", "x" * 200, "茶" * 200, ("tea and cats " * 20)[:200],
+              "x" * 197 + "019", "茶" * 197 + "650", "x" * 197 + "257"]
     longest = dict.fromkeys(offline_llm.LONGEST_REPLY_TOKENS, 0)
     for topic in topics:
         draft = offline_llm.write_draft(topic)
@@ -632,7 +638,113 @@ def test_the_longest_replies_stay_within_the_documented_bounds():
             draft = offline_llm.revise(draft, topic, tuple(critique["improvements"]))
             longest["reviser"] = max(longest["reviser"], offline_llm.estimate_tokens(draft))
     assert all(longest[role] <= bound for role, bound in offline_llm.LONGEST_REPLY_TOKENS.items()), longest
-    assert longest["reviser"] > 0.99 * offline_llm.LONGEST_REPLY_TOKENS["reviser"], "the bound is not slack"
+    assert all(longest[role] > 0.99 * bound for role, bound in offline_llm.LONGEST_REPLY_TOKENS.items()), \
+        f"the bounds are not slack: {longest}"
+
+
+def test_the_longest_replies_fit_the_default_reply_limits_with_room_to_spare():
+    from machinery.settings import Settings
+
+    longest, defaults = offline_llm.LONGEST_REPLY_TOKENS, Settings()
+    assert longest["reviser"] <= 1300 and longest["writer"] <= 1300, "a report is never near its 1500-token limit"
+    assert defaults.max_tokens_report - max(longest["writer"], longest["reviser"]) >= 200
+    assert longest["critic"] < defaults.max_tokens_critique and longest["summarizer"] < defaults.max_tokens_summary
+
+
+# ----------------------------------------------------------------------------------------- long topics
+
+
+def test_a_topic_of_up_to_40_characters_is_its_own_short_name():
+    for topic in ["Rust", "Why cats purr", "Remote work and small businesses", "x" * 40, "茶" * 40,
+                  ("tea and cats " * 4)[:40], " leading and trailing spaces ", "the of and", "Dogs (unreviewable)"]:
+        assert len(topic) <= offline_llm.SHORT_NAME_CHARS and offline_llm.short_name(topic) == topic
+
+
+# sha256 over the draft, then ten rounds of critique (JSON), revision and summary, for these topics: the replies
+# the notebooks' committed outputs show. Computed with offline-reporter-5 before long topics got short names;
+# a change here changes the tutorial's outputs (and wants a new MODEL_VERSION).
+SHORT_TOPIC_REPLIES = "7894a8a1cd507e237f67181788659b37fa092ab4988acd9f448efe2cd7192315"
+
+
+def test_replies_for_topics_of_up_to_40_characters_are_pinned():
+    import hashlib
+
+    digest = hashlib.sha256()
+    for topic in ["Quantum computing", "Why cats purr", "Remote work and small businesses", "The history of tea",
+                  "Rust", "WebAssembly", "x" * 40]:
+        draft = offline_llm.write_draft(topic)
+        digest.update(draft.encode())
+        for _ in range(10):
+            critique = offline_llm.critique(draft, topic)
+            draft = offline_llm.revise(draft, topic, tuple(critique["improvements"]))
+            for reply in (json.dumps(critique), offline_llm.summarize(draft), draft):
+                digest.update(reply.encode())
+    assert digest.hexdigest() == SHORT_TOPIC_REPLIES
+    report = refine("Remote work and small businesses", 5)[-1]["draft"]
+    assert "\n## Conclusion\n\nRemote work and small businesses is worth the effort when it starts small" in report
+
+
+@pytest.mark.parametrize(("topic", "short"), [
+    ("Remote work and small businesses in rural areas: what changed after 2020", "Remote work and small businesses"),
+    ("The history of tea, from ancient China to the modern supermarket shelf",
+     "The history of tea, from ancient China"),
+    ("x" * 200, "x" * 40),
+    ("茶" * 200, "茶" * 40),
+    (("tea and cats " * 20)[:200], "tea and cats tea and cats tea and cats"),
+    ("It is as it was, and so on, to be or not to be, in the end of it all: meetings", "end"),
+    ("ab cd ef gh " * 16, "ab cd ef gh ab cd ef gh ab cd ef gh ab"),  # no keyword: the short form is one
+])
+def test_a_longer_topic_is_called_by_its_first_words(topic, short):
+    name = offline_llm.short_name(topic)
+    assert name == short and len(name) <= offline_llm.SHORT_NAME_CHARS
+    keywords = offline_llm._topic_keywords(topic)
+    assert any(keyword in name.lower() for keyword in keywords), "the critic's focus check finds the short form"
+
+
+def test_a_longer_topic_is_named_in_full_in_the_title_and_introduction_only():
+    topic = "Remote work and small businesses in rural areas: what changed after 2020"
+    report = refine(topic, 10)[-1]["draft"]
+    title, introduction, *sections = re.split(r"^## ", report, flags=re.MULTILINE)
+    assert title == f"# {topic}\n\n" and topic in introduction
+    assert len(sections) >= 5 and not any(topic in section for section in sections)
+    assert all("Remote work and small businesses" in section for section in sections)
+    assert report.count(topic) == 2
+
+
+LONG_TOPICS = ["x" * 200, "茶" * 200, ("tea and cats " * 20)[:200], "x" * 197 + "019", "茶" * 197 + "650",
+               "The history of tea and of the people who grew, traded, taxed and drank it, " * 2
+               + "from China to India"]
+
+
+@pytest.mark.parametrize("topic", LONG_TOPICS, ids=["x200", "tea200", "spaces200", "x200-longest-revision",
+                                                   "tea200-longest-draft", "spaces171"])
+def test_a_200_character_topic_is_never_cut_at_the_default_reply_limits(topic):
+    """Ten rounds through complete(), as the pipeline asks, with the default limits: every reply whole."""
+    from machinery.settings import Settings
+
+    defaults = Settings()
+    assert len(topic) <= 200 and validate_batch([topic], 3, 8) == [topic]
+
+    def ask(body: dict, limit: int) -> str:
+        reply = offline_llm.complete({**body, "max_tokens": limit})
+        assert reply["choices"][0]["finish_reason"] == "stop" and reply["usage"]["completion_tokens"] < limit
+        return content_of(reply)
+
+    draft = ask(chat(pipeline.WRITER_PROMPT, f"Topic: {topic}\n\nWrite the report."), defaults.max_tokens_report)
+    scores = []
+    for _ in range(10):
+        critique = json.loads(ask(chat(pipeline.CRITIC_PROMPT, f"Topic: {topic}\n\nReport to review:\n\n{draft}",
+                                       json_mode=True), defaults.max_tokens_critique))
+        scores.append(pipeline.Critique.model_validate(critique).score)
+        ask(chat(pipeline.SUMMARY_PROMPT, f"Topic: {topic}\n\nReport to summarize:\n\n{draft}"),
+            defaults.max_tokens_summary)
+        improvements = "\n".join(f"- {item}" for item in critique["improvements"])
+        draft = ask(chat(pipeline.REVISER_PROMPT, f"Topic: {topic}\n\nImprovements to make:\n{improvements}\n\n"
+                                                  f"Current report:\n\n{draft}"), defaults.max_tokens_report)
+    assert draft.startswith(f"# {topic}\n")
+    rising = scores[: scores.index(10) + 1]
+    assert rising[0] <= 6 and all(a < b for a, b in zip(rising, rising[1:])), scores
+    assert next(i for i, score in enumerate(scores) if score >= 8) <= 4, "it reaches the threshold 8 as short topics do"
 
 
 def test_the_openai_client_sees_the_cut_through_the_in_process_transport():
