@@ -119,8 +119,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def subprocess_env(**overrides: str) -> dict[str, str]:
-    """The environment for a child process: offline, no keys, the project importable, an empty reply cache."""
+    """The environment for a child process: offline, no keys, the project importable, an empty reply cache,
+    and the session's reports folder (a CLI's --out moves only the run folder, not the work folders)."""
     from scratch_project import scratch_environment
 
     fresh_cache = Path(tempfile.mkdtemp(prefix="reply-cache-", dir=SCRATCH)) / "replies.sqlite3"
-    return scratch_environment(ROOT, **{"REPORT_REPLY_CACHE": str(fresh_cache), **overrides})
+    defaults = {"REPORT_REPLY_CACHE": str(fresh_cache), "REPORTS_DIR": os.environ["REPORTS_DIR"]}
+    return scratch_environment(ROOT, **{**defaults, **overrides})

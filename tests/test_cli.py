@@ -137,7 +137,7 @@ def flyte_run_local(project: Path, *arguments: str) -> tuple[subprocess.Complete
         [str(Path(sys.executable).parent / "flyte"), "run", "--local", "pipeline.py", "report_batch_pipeline",
          *arguments],
         cwd=project, capture_output=True, text=True, timeout=300,
-        env=subprocess_env(PYTHONPATH=str(project), COLUMNS="100000"))
+        env=subprocess_env(PYTHONPATH=str(project), REPORTS_DIR=str(project / "reports"), COLUMNS="100000"))
     return done, re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + done.stderr)
 
 
