@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +64,24 @@ def serve_locally(app_env: Any, port: int, reports_dir: Path, log: Path | None =
     """
     import flyte
 
-    bin_folder = str(Path(sys.executable).parent)
-    # Flyte runs `voila` from PATH: this interpreter's, even when the venv is not activated. And this
-    # interpreter's kernel first, before any `python3` kernel another project installed for the user.
-    os.environ["PATH"] = bin_folder + os.pathsep + os.environ.get("PATH", "")
-    # And the app's page template (apps/jupyter), which the app environment names relative to the project.
-    os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [
-        str(PROJECT_ROOT / TEMPLATES), str(Path(sys.prefix) / "share" / "jupyter"), os.environ.get("JUPYTER_PATH")]))
+    point_at_this_python(os.environ)
     values = {app_env.name: {parameter.name: str(reports_dir) for parameter in app_env.parameters
                              if parameter.env_var == "REPORTS_DIR"}}
     with output_to(log):
         return flyte.with_servecontext(mode="local", parameter_values=values).serve(local_environment(app_env, port))
+
+
+def point_at_this_python(environ: MutableMapping[str, str]) -> None:
+    """Make ``environ`` (the one Flyte starts the app's command with) find this interpreter's ``voila``, and its
+    kernel first, before any ``python3`` kernel another project installed for the user, even when the venv is not
+    activated; and the app's page template (apps/jupyter), which the app environment names relative to the
+    project. Idempotent: serving again does not grow PATH or JUPYTER_PATH."""
+    bin_folder = str(Path(sys.executable).parent)
+    searched = filter(None, environ.get("PATH", "").split(os.pathsep))  # an empty entry means the working folder
+    environ["PATH"] = os.pathsep.join(dict.fromkeys([bin_folder, *searched]))
+    folders = [str(PROJECT_ROOT / TEMPLATES), str(Path(sys.prefix) / "share" / "jupyter"),
+               *environ.get("JUPYTER_PATH", "").split(os.pathsep)]
+    environ["JUPYTER_PATH"] = os.pathsep.join(dict.fromkeys(filter(None, folders)))
 
 
 @contextlib.contextmanager

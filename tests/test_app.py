@@ -319,3 +319,17 @@ def test_make_app_serves_the_page_and_stops_cleanly(stop_with, tmp_path):
         for process in started_by_app:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
+
+
+def test_serving_points_at_this_python_once_however_often_it_serves():
+    environ = {"PATH": os.pathsep.join(["/usr/bin", "/bin"]), "JUPYTER_PATH": "/elsewhere"}
+    app_serving.point_at_this_python(environ)
+    once = dict(environ)
+    app_serving.point_at_this_python(environ)
+    assert environ == once, "serving again grows neither PATH nor JUPYTER_PATH"
+    assert environ["PATH"].split(os.pathsep) == [str(Path(sys.executable).parent), "/usr/bin", "/bin"]
+    folders = environ["JUPYTER_PATH"].split(os.pathsep)
+    assert folders[0] == str(app_serving.PROJECT_ROOT / app_serving.TEMPLATES) and folders[-1] == "/elsewhere"
+    empty: dict[str, str] = {}
+    app_serving.point_at_this_python(empty)
+    assert empty["PATH"] == str(Path(sys.executable).parent), "no empty entry: that would search the working folder"
