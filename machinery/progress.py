@@ -39,22 +39,19 @@ def print_notable(event: dict[str, Any]) -> None:
 
 
 class StepLines:
-    """A progress listener that prints one line per ordinary step of each topic."""
+    """A progress listener that prints one line per ordinary step of each topic. A topic's outcome (its
+    score, or its error) is left to the lines the command line prints at the end, one per topic."""
 
-    def __init__(self) -> None:
-        self._rounds: dict[str, int] = {}  # topic -> rounds scored so far, for its "done" line
-
-    def line(self, event: dict[str, Any]) -> str | None:
+    @staticmethod
+    def line(event: dict[str, Any]) -> str | None:
         step, topic, round_ = event.get("step"), event.get("topic"), event.get("iteration")
-        if step == "scored":
-            self._rounds[topic] = round_
         text = {
             "draft": "draft",
             "critique": f"round {round_} critique",
             "scored": f"score {event.get('score')}/10",
             "revise": f"round {round_} revision",
             "format": "formatting",
-            "done": f"done, score {event.get('score')}/10 after {self._rounds.get(topic, 0)} round(s)",
+            "done": "done",
             "error": "failed",
         }.get(step)
         return f"  {topic}: {text}" if text and topic is not None else None

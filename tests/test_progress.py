@@ -47,5 +47,5 @@ def test_step_lines_follow_a_topic_through_its_rounds(capsys):
     assert capsys.readouterr().out.splitlines() == [
         "  Why cats purr: draft", "  Why cats purr: round 1 critique", "  Why cats purr: score 6/10",
         "  Why cats purr: round 1 revision", "  Why cats purr: round 2 critique", "  Why cats purr: score 8/10",
-        "  Why cats purr: formatting", "  Why cats purr: done, score 8/10 after 2 round(s)", "  Dogs: failed",
+        "  Why cats purr: formatting", "  Why cats purr: done", "  Dogs: failed",
     ], "one line per step; the waits are print_notable's, not repeated"
