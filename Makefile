@@ -25,9 +25,11 @@ install: $(STAMP)
 report: install
 	$(PY) pipeline.py $(TOPICS) --max-iterations 4
 
-# Flyte's local serving of pipeline.app_env (Voila on apps/explorer.ipynb), on loopback only.
+# Flyte's local serving of pipeline.app_env (Voila on apps/explorer.ipynb), on loopback only. exec: serve.py
+# replaces the recipe's shell, so `kill <make's pid>` reaches it (make passes SIGTERM on to its child, and a
+# shell in between would die without passing it on, leaving the app running).
 app: install
-	APP_PORT=$(APP_PORT) $(PY) apps/serve.py
+	APP_PORT=$(APP_PORT) exec $(PY) apps/serve.py
 
 test: install system-deps
 	$(PY) -m pytest

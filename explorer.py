@@ -14,12 +14,14 @@ import ast
 import base64
 import contextlib
 import dataclasses
+import datetime as dt
 import html
 import io
 import json
 import os
 import re
 import sqlite3
+import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -231,9 +233,10 @@ STEP_LABELS = {
     "error": "failed",
     # A model call's waits (machinery/model_client.py): shown in the step column until the next step.
     "retrying": "retrying the {call} (attempt {attempt})",
-    "still-waiting": "waiting for the model ({seconds:.0f} s)",
-    "timed-out": "timed out",
-    "cut-off": "cut off",
+    "still-waiting": "waiting for the model (over {seconds:g} s)",  # sent once per call: "over", not a count
+    "timed-out": "the {call} timed out",
+    "cut-off": "the {call} was cut off",
+    "gave-up": "the {call} failed after {attempts} attempts: Flyte retries the task",
 }
 
 
@@ -433,13 +436,27 @@ class ReportExplorer:
             self._note("The last Run failed (see above), so nothing below comes from it: "
                        "these are the results of earlier runs.")
 
+    # The last run a click started: when it ended (time.monotonic()) and what it ran (``click_inputs``). A class
+    # default, so that before any run no click counts as queued (``queued_click``; the app's cluster Run uses it too).
+    _click_run: tuple[float, tuple[str, int, int] | None] = (float("-inf"), None)
+
     def _clicked(self, _button: Any) -> None:
-        # A bad input is already shown in the message line, where a person is looking.
-        with contextlib.suppress(ValueError, BackendUnavailable):
-            self.run(self.topics_box.value, self.iterations.value, self.threshold.value)
+        if queued_click(self):  # the second click of a double-click: see QUEUED_CLICK_SECONDS
+            return
+        inputs = click_inputs(self)
+        try:
+            # A bad input is already shown in the message line, where a person is looking.
+            with contextlib.suppress(ValueError, BackendUnavailable):
+                self.run(*inputs)
+        finally:
+            self._click_run = (time.monotonic(), inputs)
 
     def _on_event(self, event: dict[str, Any]) -> None:
         self.events.append(event)
+        if event["topic"] is None and event["step"] == "other-model":  # about the whole batch
+            self.message.value = html.escape(
+                f"The server answered as model {event['reported']}, not {event['recorded']} (see summary.json)")
+            return
         if event["topic"] is None:  # about the whole batch: the server's rate limit holds every request
             self.message.value = html.escape(
                 f"Waiting {event.get('seconds', 0):.1f} s for the server's rate limit ({event.get('reason', '')})")
@@ -869,25 +886,64 @@ def load_run(run_dir: str | Path) -> list[tuple[pipeline.TopicReport, Path, dict
 
     ``summary.json`` gives the rows (scores, improvements, tokens, errors) and each ``report.md`` the text.
     A critique's strengths and one-line summary are not saved, so a reloaded history has the scores and the
-    improvements asked for, which is what the explorer shows.
+    improvements asked for, which is what the explorer shows. A folder this pipeline did not write, or one
+    with files missing, is an OSError or ValueError that says what is wrong, before anything is shown.
     """
     run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    loaded = []
-    for row in summary["topics"]:
-        result = None
-        if row["status"] == "ok":
-            markdown = (run_dir / row["slug"] / "report.md").read_text(encoding="utf-8")
-            body = markdown.split("\n---\n", 1)[1].lstrip("\n")  # the text after the front matter
-            history = [pipeline.Round(iteration=number, score=score, improvements=improvements, strengths=[],
-                                      summary="")
-                       for number, (score, improvements)
-                       in enumerate(zip(row["score_history"], row["improvements_history"]), start=1)]
-            result = pipeline.RefineResult(topic=row["topic"], markdown=body, history=history,
-                                           model=summary["model"], usage=Usage())
-        report = pipeline.TopicReport(topic=row["topic"], slug=row["slug"], result=result, error=row["error"])
-        loaded.append((report, run_dir, row))
-    return loaded
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        return [_saved_topic(run_dir, summary["model"], row) for row in summary["topics"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:  # not JSON, or a field missing or of another kind
+        raise ValueError(f"{run_dir.name}/summary.json is not a run summary of this pipeline "
+                         f"({type(error).__name__}: {error})") from error
+
+
+def _saved_topic(run_dir: Path, model: str, row: dict[str, Any]) -> tuple[pipeline.TopicReport, Path, dict[str, Any]]:
+    result = None
+    if row["status"] == "ok":
+        folder = run_dir / row["slug"]
+        missing = [name for name in REPORT_FILES if not (folder / name).is_file()]  # the explorer shows all three
+        if missing:
+            raise FileNotFoundError(f"{run_dir.name}/{row['slug']}/ has no {' and no '.join(missing)}")
+        _, front_matter_end, body = (folder / "report.md").read_text(encoding="utf-8").partition("\n---\n")
+        if not front_matter_end:
+            raise ValueError(f"{run_dir.name}/{row['slug']}/report.md has no front matter: not this pipeline's")
+        history = [pipeline.Round(iteration=number, score=score, improvements=improvements, strengths=[], summary="")
+                   for number, (score, improvements)
+                   in enumerate(zip(row["score_history"], row["improvements_history"]), start=1)]
+        result = pipeline.RefineResult(topic=row["topic"], markdown=body.lstrip("\n"), history=history, model=model,
+                                       usage=Usage())
+    report = pipeline.TopicReport(topic=row["topic"], slug=row["slug"], result=result, error=row["error"])
+    return report, run_dir, row
+
+
+def app_run_id(opened: dt.datetime, kernel_pid: int) -> str:
+    """The run id of an app page: ``app-<when it opened>-<its kernel's process id>``. Each page has a kernel of its
+    own, so two pages opened in the same second still get folders of their own (``save_run`` would replace an
+    existing one)."""
+    return f"app-{opened:%Y%m%d-%H%M%S}-{kernel_pid}"
+
+
+# The Run buttons run (locally) or start (on a cluster) the batch in the click's handler, and the kernel handles one
+# message at a time: the second click of a double-click, sent before the disabled button reached the browser, waits
+# in the kernel's queue and is handled the moment the first run ends. A click handled within this many seconds of
+# the end of the last run, with the same inputs, was therefore sent while it was going, and is dropped. A person
+# pressing Run again after seeing the outcome takes longer; and changed topics or settings, which the browser
+# sends before the click, make it a new request however fast it comes.
+QUEUED_CLICK_SECONDS = 0.5
+
+
+def click_inputs(explorer: ReportExplorer) -> tuple[str, int, int]:
+    """What a click on ``explorer``'s Run button runs: the topics as typed, the rounds and the threshold."""
+    return explorer.topics_box.value, explorer.iterations.value, explorer.threshold.value
+
+
+def queued_click(explorer: ReportExplorer, now: float | None = None) -> bool:
+    """Whether a click on ``explorer``'s Run button, handled ``now`` (default: time.monotonic()), was sent while the
+    run the last click started was going: see ``QUEUED_CLICK_SECONDS``."""
+    ended, inputs = explorer._click_run
+    handled = time.monotonic() if now is None else now
+    return inputs == click_inputs(explorer) and handled - ended < QUEUED_CLICK_SECONDS
 
 
 APP_TARGETS = ("local", "cluster")
@@ -912,7 +968,10 @@ def start_cluster_run(task_name: str, inputs: dict[str, Any]) -> Any:
     import flyte
     import flyte.remote
 
-    flyte.init_in_cluster()  # the credentials and endpoint the cluster gives the app's container
+    # Once per kernel: the credentials and endpoint the cluster gives the app's container. (Importing pipeline may
+    # have initialised Flyte for local runs, which has no client, so "initialised" is not the question to ask.)
+    if not flyte.is_control_plane_available():
+        flyte.init_in_cluster()
     return flyte.run(flyte.remote.Task.get(task_name, auto_version="latest"), **inputs)
 
 
@@ -922,7 +981,8 @@ class ExplorerApp:
 
     A view only, like the explorer: the Open button calls ``open_run``, a cluster's Run button calls
     ``start_remote``; a notebook cell calling them gets the same result. ``start_run(task_name, inputs)``
-    starts a remote run (default ``start_cluster_run``).
+    starts a remote run (default ``start_cluster_run``). On a cluster ``reports_dir`` is a folder inside the
+    app's container, empty and temporary: the remote runs keep their reports in their outputs, not there.
     """
 
     def __init__(self, reports_dir: str | Path, target: str = "local", start_run: Any = start_cluster_run,
@@ -934,10 +994,11 @@ class ExplorerApp:
         self.reports_dir, self.target, self.start_run = Path(reports_dir), target, start_run
         self.explorer = ReportExplorer(output_dir=self.reports_dir, **explorer_options)
         self.remote_runs: list[Any] = []
+        self._open_error = ""  # the message line's text after the last Open that failed
         self.runs = widgets.Dropdown(description="Saved run", layout=widgets.Layout(width="32rem"))
         self.open_button = widgets.Button(description="Open", icon="folder-open",
                                           tooltip="Show this run's reports below")
-        self.open_button.on_click(lambda _button: self.open_run(self.runs.value) if self.runs.value else None)
+        self.open_button.on_click(self._open_clicked)
         # When a Run finishes (the explorer enables its button last), its new folder joins the list.
         self.explorer.run_button.observe(lambda change: self.refresh_runs() if not change["new"] else None,
                                          names="disabled")
@@ -961,8 +1022,16 @@ class ExplorerApp:
         return runs
 
     def open_run(self, run_dir: str | Path) -> list[pipeline.TopicReport]:
-        """Show a saved run's reports in the explorer, beside the results already there."""
-        loaded = load_run(run_dir)
+        """Show a saved run's reports in the explorer, beside the results already there. A run that cannot be read
+        (``load_run``'s OSError or ValueError) is said in the message line, and raised; nothing else changes."""
+        try:
+            loaded = load_run(run_dir)
+        except (OSError, ValueError) as error:
+            shown = f"Could not open saved run {Path(run_dir).name}: {error}"
+            self._open_error = self.explorer.message.value = f'<span style="color:#cf222e">{html.escape(shown)}</span>'
+            raise
+        if self.explorer.message.value == self._open_error:  # an earlier Open's error no longer applies
+            self.explorer.message.value = ""
         for report, folder, row in loaded:
             self.explorer.results[report.topic] = (report, folder, row)
         if loaded:
@@ -996,6 +1065,21 @@ class ExplorerApp:
         message.value = f"Started run {link} on the cluster ({count}): its reports are in the run's outputs."
         return run
 
+    def _open_clicked(self, _button: Any) -> None:
+        if self.runs.value is not None:
+            with contextlib.suppress(OSError, ValueError):  # shown in the message line by open_run
+                self.open_run(self.runs.value)
+
     def _clicked_remote(self, _button: Any) -> None:
-        with contextlib.suppress(Exception):  # shown in the message line by start_remote
-            self.start_remote(self.explorer.topics_box.value)
+        ui = self.explorer
+        if queued_click(ui):  # the second click of a double-click: see QUEUED_CLICK_SECONDS
+            return
+        inputs = click_inputs(ui)
+        # Disabled while the cluster is asked (it can take seconds): a later click is then never sent at all.
+        ui.run_button.disabled = True
+        try:
+            with contextlib.suppress(Exception):  # shown in the message line by start_remote
+                self.start_remote(*inputs)
+        finally:
+            ui._click_run = (time.monotonic(), inputs)
+            ui.run_button.disabled = False

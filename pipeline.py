@@ -134,8 +134,11 @@ app_env = flyte.app.AppEnvironment(
     # The pipeline's image plus what a notebook app needs: Voila, a kernel, the widgets and their chart.
     image=image.with_pip_packages("voila>=0.5.13", "ipykernel>=6.29", "ipywidgets>=8.1", "matplotlib>=3.8"),
     # The command, run where the code bundle is unpacked. 0.0.0.0: the cluster's router must reach it.
+    # Culling: every page view starts a kernel (~100 MB) that would otherwise live until the server stops; one
+    # idle for 10 minutes with no page connected is shut down (a busy or connected one never is, by default).
     args=["voila", "apps/explorer.ipynb", "--template=explorer", "--port", "8080", "--no-browser",
-          "--Voila.ip=0.0.0.0"],
+          "--Voila.ip=0.0.0.0", "--MappingKernelManager.cull_idle_timeout=600",
+          "--MappingKernelManager.cull_interval=60"],
     # Where Voila listens: the app's URL is routed to this port.
     port=8080,
     # Each open page runs the notebook in a kernel of its own; the batch itself runs as tasks.
@@ -143,9 +146,10 @@ app_env = flyte.app.AppEnvironment(
     # By default a code bundle holds only the Python modules imported: add the app (its notebook and
     # page template) and the views.
     include=["apps", "explorer.py"],
-    # Where the app reads saved runs and writes new local ones, as REPORTS_DIR (relative: to the project).
-    # Not a RunOutput: it resolves, at deploy time, to one str, File or Dir, and report_batch_pipeline
-    # returns records. So on a cluster the Run button starts runs and links to them.
+    # REPORTS_DIR: where the app lists saved runs and writes its local ones (relative: to the project). On a
+    # cluster it is a folder inside the app's container, empty and temporary: remote runs keep their reports in
+    # their outputs, never there. Not a RunOutput: that resolves at deploy time to one str, File or Dir, and
+    # report_batch_pipeline returns records. So on a cluster the Run button starts runs and links to them.
     parameters=[flyte.app.Parameter(name="reports_dir", value="reports", env_var="REPORTS_DIR")],
     # REPORT_APP_TARGET: on a cluster, Run starts report_batch_pipeline remotely (locally Flyte ignores
     # env_vars: the batch runs in the app's kernel). JUPYTER_PATH: where Voila finds the page template.
@@ -164,7 +168,7 @@ async def call_llm(topic: str, step: str, system: str, prompt: str, json_mode: b
     """One chat completion for one step of a topic: "draft", "critique", "revision" or "summary".
     Traced: on a cluster, a retried task replays it from its checkpoint."""
     request = {
-        "model": runtime.model_name,  # REPORT_MODEL, or the one model a local server says it serves
+        "model": runtime.requested_model,  # REPORT_MODEL, or the one model a local server says it serves
         "messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
         "temperature": 0.2,
         # A reply limit per step (REPORT_MAX_TOKENS_*): without one, a small local model writes until its
@@ -424,6 +428,7 @@ async def report_batch_pipeline(
 ) -> list[TopicReport]:
     """Refine every topic concurrently, then format every report concurrently."""
     topics = validate_batch(topics, max_iterations, quality_threshold)  # `flyte run` comes straight here
+    check_backend(fresh=False)  # so a server that cannot be used fails here, clearly (run_batch has just asked)
     report_date = report_date or dt.date.today().isoformat()
 
     # return_exceptions=True: a failed topic becomes a value, and its siblings run to completion.
@@ -475,7 +480,7 @@ def run_batch(
     ``flyte_cache=False`` skips Flyte's task cache (not the reply cache: ``reply_cache`` setting).
     """
     topics = validate_batch(topics, max_iterations, quality_threshold)  # fail before the backend check
-    check_backend()  # one cheap request to a real server: fail once, clearly, not once per topic
+    check_backend()  # which model the server serves now, in one cheap request: fail once, not once per topic
     report_date = report_date or dt.date.today().isoformat()
     run_id = validate_run_id(run_id or dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     runtime.announce_backend()
@@ -509,6 +514,7 @@ def run_batch(
         cached_topics=[r.topic for r in reports if r.result and not made_now(r.result)],
         flyte_run_name=Path(run.url).name,
         pacing=runtime.pace.stats(),
+        reported_models=runtime.reported_models(),  # other models replies named: a proxy renaming one
     ))
 # {{/docs-fragment run-batch}}
 
@@ -536,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, BackendUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print("interrupted: a rerun resumes from the reply cache", file=sys.stderr)
+        return 130
     for row in batch.rows():
         outcome = f"score {row['final_score']}/10 after {row['iterations']} round(s)" if row["status"] == "ok" else ""
         print(f"  {row['topic']}: {outcome or row['error']}")

@@ -3,8 +3,8 @@
 ``apps/serve.py`` (what ``make app`` runs) hands ``main`` the app environment that ``pipeline.py``
 declares, and ``main`` serves it with ``flyte.with_servecontext(mode="local").serve(...)``: Flyte starts
 its command, Voilà, as a subprocess. Here we only adapt the environment to this machine (loopback
-and ``APP_PORT`` instead of the cluster's address and port), wait until it listens, and stop
-everything we started, Voilà and the notebook kernels it started, by process id.
+and ``APP_PORT`` instead of the cluster's address and port), wait until it listens, and on Ctrl-C,
+SIGTERM or SIGHUP stop everything we started, Voilà and the notebook kernels it started, by process id.
 
 This module never imports ``pipeline``: the caller hands it the app environment.
 """
@@ -41,18 +41,21 @@ def app_port(environ: Mapping[str, str] = os.environ) -> int:
     return int(text)
 
 
-def voila_args(notebook: str, port: int, host: str) -> list[str]:
-    """Voilà's command line, with the app's page template (apps/jupyter/voila/templates/explorer). And
-    ``port_retries=0``: a busy port is an error, never a silent move to a port the printed URL does not name."""
-    return ["voila", notebook, "--template=explorer", "--port", str(port), "--no-browser", f"--Voila.ip={host}",
-            "--Voila.port_retries=0"]
+def local_args(cluster_args: list[str], notebook: str, port: int, host: str) -> list[str]:
+    """The cluster's Voilà command for this machine: ``notebook``, ``port`` and ``host`` in place of the cluster's,
+    every other option kept (the page template, kernel culling), and ``port_retries=0``: a busy port is an error,
+    never a silent move to a port the printed URL does not name."""
+    args = [f"--Voila.ip={host}" if argument.startswith("--Voila.ip=") else argument for argument in cluster_args]
+    args[args.index(APP_NOTEBOOK)] = notebook
+    args[args.index("--port") + 1] = str(port)
+    return [*args, "--Voila.port_retries=0"]
 
 
 def local_environment(app_env: Any, port: int) -> Any:
     """The app environment as this machine serves it: the same command on loopback and ``port``, with the
     notebook's absolute path (Flyte starts the command in the caller's working folder, which may be any)."""
     notebook = str(PROJECT_ROOT / APP_NOTEBOOK)
-    return app_env.clone_with(app_env.name, port=port, args=voila_args(notebook, port, LOCAL_HOST))
+    return app_env.clone_with(app_env.name, port=port, args=local_args(list(app_env.args), notebook, port, LOCAL_HOST))
 
 
 def serve_locally(app_env: Any, port: int, reports_dir: Path, log: Path | None = None) -> Any:
@@ -128,10 +131,8 @@ def wait_until_serving(handle: Any, port: int, timeout: float = 120.0) -> float:
     """Poll until the app's server listens on ``port``; return the seconds it took."""
     started = time.monotonic()
     while not accepts_connections(port):
-        process = getattr(handle, "_process", None)
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the app's server exited with status {process.returncode} before it answered "
-                               f"(is port {port} already in use?)")
+        if handle.is_deactivated():
+            raise RuntimeError(f"the app's server exited before it answered (is port {port} already in use?)")
         if time.monotonic() - started > timeout:
             raise TimeoutError(f"{app_url(port)} did not answer within {timeout:.0f} s")
         time.sleep(0.2)
@@ -141,11 +142,10 @@ def wait_until_serving(handle: Any, port: int, timeout: float = 120.0) -> float:
 def server_processes(handle: Any) -> list[psutil.Process]:
     """The app's server and every process below it (Voilà's notebook kernels run in sessions of their own,
     so a process group would miss them)."""
-    process = getattr(handle, "_process", None)
-    if process is None or process.poll() is not None:
+    if handle.is_deactivated():
         return []
     try:
-        server = psutil.Process(process.pid)
+        server = psutil.Process(handle._process.pid)  # Flyte's local handle has no public process id
         return [server, *server.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
@@ -167,8 +167,14 @@ def stop(handle: Any, grace: float = 10.0) -> list[int]:
     return [process.pid for process in processes]
 
 
+# What stops `make app`: Ctrl-C (SIGINT), `kill <pid>` (SIGTERM) and a closed terminal (SIGHUP, which the shell
+# passes on to its jobs). Voilà and its kernels run in sessions of their own (Flyte starts Voilà with
+# start_new_session=True), so none of these signals reaches them: only our cleanup does.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def main(app_env: Any, reports_dir: Path, environ: Mapping[str, str] = os.environ) -> int:
-    """Serve until Ctrl-C or SIGTERM, then stop everything. What ``make app`` runs."""
+    """Serve until Ctrl-C, SIGTERM or SIGHUP, then stop everything. What ``make app`` runs."""
     try:
         port = app_port(environ)
     except ValueError as error:
@@ -178,17 +184,17 @@ def main(app_env: Any, reports_dir: Path, environ: Mapping[str, str] = os.enviro
         print(f"error: port {port} is in use; choose another with APP_PORT", file=sys.stderr)
         return 2
     handle = serve_locally(app_env, port, reports_dir)
-    # Flyte's own handlers only ask the server to stop and then exit at once (on SIGTERM, before any
-    # cleanup): ours turn both signals into KeyboardInterrupt, so `stop` below waits for the kernels too.
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    # Flyte's own handlers (SIGINT and SIGTERM only) ask the server to stop and then exit at once, before any
+    # cleanup: ours turn every stop signal into KeyboardInterrupt, so `stop` below waits for the kernels too.
+    for signum in STOP_SIGNALS:
         signal.signal(signum, _interrupt)
     url = app_url(port)
     try:
         wait_until_serving(handle, port)
         print(f"The report explorer is at {url} (Ctrl-C stops it)", flush=True)
-        while handle._process.poll() is None:  # Flyte's local handle has no public way to ask
+        while not handle.is_deactivated():
             time.sleep(0.5)
-        print(f"error: the app's server exited with status {handle._process.returncode}", file=sys.stderr)
+        print("error: the app's server stopped by itself (its output above says why)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
@@ -196,10 +202,11 @@ def main(app_env: Any, reports_dir: Path, environ: Mapping[str, str] = os.enviro
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the cleanup
         stopped = stop(handle)
-        print(f"Stopped the app ({len(stopped)} process{'es' * (len(stopped) != 1)}).", flush=True)
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone, and the line with it
+            print(f"Stopped the app ({len(stopped)} process{'es' * (len(stopped) != 1)}).", flush=True)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

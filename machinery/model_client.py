@@ -3,7 +3,8 @@
 ``complete(request, topic=..., step=...)`` sends one chat-completion request body through the real
 ``openai`` client of the running event loop and returns the reply's text. On the way it
 
-* answers an identical earlier request from the reply cache (no request sent);
+* answers an identical earlier request from the reply cache (no request sent), and knows a request
+  whose reply was cut off before (it goes straight to the shorter one);
 * goes at the pace of ``runtime.pace`` (``machinery.pacing``): the client's transport holds each HTTP
   attempt to the window of requests in flight and waits out the server's rate limits, so a 429
   reaches ``complete`` only when the batch's patience has run out; it then becomes a
@@ -11,15 +12,19 @@
 * retries, itself (the ``openai`` client is made with ``max_retries=0``): a dropped connection, an
   HTTP 408, 409 or 5xx, or an empty reply, at most ``REPORT_CLIENT_RETRIES`` times, after a growing
   backoff (or the wait the server names; an empty reply at once);
-* gives every attempt of the call one shared deadline, ``REPORT_REQUEST_TIMEOUT`` seconds from the
-  start (each attempt's timeout is the time left), and turns a call out of time into a ``ModelTimeout``
-  that says what to change and that Flyte does not retry: a slow model never costs attempts x retries
-  x the timeout;
+* gives every attempt of the call one shared deadline: the server may take ``REPORT_REQUEST_TIMEOUT``
+  seconds over them all, counted from the first attempt's send less the time attempts wait in the
+  project's own pace (``pacing.queue_time``), which is not the server's; each attempt's timeout is the
+  time left. A call out of time is a ``ModelTimeout`` that says what to change and that Flyte does not
+  retry: a slow model never costs attempts x retries x the timeout;
 * handles a reply that stopped at the request's ``max_tokens`` (``finish_reason`` ``"length"``): it is
-  never stored in the cache; with ``retry_shorter`` the request is sent once more with ``SHORTER`` added
-  to its instructions; then it raises ``ReplyCutOff``, naming the setting that raises the limit;
+  never stored in the cache (a marker is, so a rerun skips the request); with ``retry_shorter`` the
+  request is sent once more with ``SHORTER`` added to its instructions; then it raises ``ReplyCutOff``,
+  naming the setting that raises the limit;
 * tells progress listeners, naming the topic and the step, when it retries, when a call has waited
-  ``STILL_WAITING_AFTER`` seconds, when it times out and when a reply is cut off (``runtime.emit``);
+  ``STILL_WAITING_AFTER`` seconds, when it times out, when a reply is cut off and when it gives up on a
+  failure that Flyte's task retry may still get past (``runtime.emit``); and notes a reply that names
+  another model than the one recorded (``runtime.note_reported_model``);
 * strips the API key from any error a server sends back;
 * adds what the call cost, failed attempts included, to the active usage meter (see ``metering``)
   and to the batch's counts (``runtime.batch_usage``).
@@ -51,9 +56,10 @@ from machinery.runtime import BackendUnavailable, runtime
 STILL_WAITING_AFTER = 10.0  # seconds a call waits before listeners hear it is still waiting (tests shorten it)
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 8.0  # seconds before a retry, doubling per attempt (the openai client's own)
 RETRIED_STATUSES = (408, 409)  # and every 5xx: the openai client's own choice
-# Added to the instructions of a text asked for again after a cut-off reply. About 0.75 words a token:
-# half the limit in words leaves room.
-SHORTER = "\nYour last reply was cut off at {limit} tokens: keep this one under {words} words."
+# Added to the instructions of a text asked for again after a cut-off reply: it overrides the length the
+# prompt asks for. About 0.75 words a token: half the limit in words leaves room.
+SHORTER = ("\nYour previous reply was cut off at the limit of {limit} tokens. This time the whole reply must fit "
+           "in {limit} tokens: at most {words} words, fewer than asked above if need be.")
 
 
 class Usage(Record):
@@ -133,13 +139,14 @@ class ReplyCutOff(flyte.errors.NonRecoverableError):
     """The reply stopped at the request's reply limit (``finish_reason`` "length"): an unfinished text.
     Asking the same again gets the same, so Flyte won't; the steps decide (pipeline.py)."""
 
-    def __init__(self, topic: str, step: str, limit: int, setting: str) -> None:
-        self.topic, self.step, self.limit, self.setting = topic, step, limit, setting
+    def __init__(self, topic: str, step: str, limit: int, setting: str, shorter: bool = False) -> None:
+        self.topic, self.step, self.limit, self.setting, self.shorter = topic, step, limit, setting, shorter
+        asked = ", even though a shorter reply was asked for" if shorter else ""
         super().__init__(f"{topic}: the {step} hit the reply limit of {limit} tokens and was cut off "
-                         f"(finish_reason \"length\"). Raise {setting} for longer replies.", code="ReplyCutOff")
+                         f"(finish_reason \"length\"){asked}. Raise {setting} for longer replies.", code="ReplyCutOff")
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickled with its fields, not only its message
-        return ReplyCutOff, (self.topic, self.step, self.limit, self.setting)
+        return ReplyCutOff, (self.topic, self.step, self.limit, self.setting, self.shorter)
 
 
 async def complete(request: dict[str, Any], *, topic: str, step: str, retry_shorter: bool = False) -> str:
@@ -154,21 +161,36 @@ async def complete(request: dict[str, Any], *, topic: str, step: str, retry_shor
             raise
         system, *rest = request["messages"]
         shorter = {**system, "content": system["content"] + SHORTER.format(limit=cut.limit, words=cut.limit // 2)}
-        return await _complete({**request, "messages": [shorter, *rest]}, topic, step)
+        return await _complete({**request, "messages": [shorter, *rest]}, topic, step, shorter=True)
 
 
-async def _complete(request: dict[str, Any], topic: str, step: str) -> str:
-    cache, key = runtime.reply_cache(), request_key(runtime.settings.endpoint, request)
+async def _complete(request: dict[str, Any], topic: str, step: str, shorter: bool = False) -> str:
+    # The model that writes is part of the key when requests name another (llama.cpp serves its one model
+    # whatever they name): a model swapped behind the same URL never answers from the old one's replies.
+    source, writer = runtime.settings.endpoint, runtime.model_name
+    source = source if request.get("model") == writer else f"{source} serving {writer}"
+    cache, key = runtime.reply_cache(), request_key(source, request)
+    # A separate key for "this request's reply was cut off": cut-off replies are never stored, and without
+    # it every rerun would send the request again only to be cut off again.
+    cut_off_key = request_key(f"cut off at {source}", request)
     if cache is not None and (hit := cache.get(key)) is not None:
         _record(Usage(cache_hits=1))
         return hit.content
+    if cache is not None and (marker := cache.get(cut_off_key)) is not None:
+        _record(Usage(cache_hits=1))
+        raise ReplyCutOff(topic, step, marker.completion_tokens, runtime.settings.reply_limit_variable(step), shorter)
     usage = Usage()
     # One event per call, however many attempts it takes, if the wait gets long enough to wonder about.
     still_waiting = asyncio.get_running_loop().call_later(
         STILL_WAITING_AFTER,
         functools.partial(runtime.emit, topic, "still-waiting", call=step, seconds=STILL_WAITING_AFTER))
     try:
-        text = await _attempts(request, topic, step, usage)
+        with pacing.queue_time() as queued:  # the deadline is the server's time: the pace's queue is left out
+            text = await _attempts(request, topic, step, usage, shorter, queued)
+    except ReplyCutOff as cut:
+        if cache is not None:  # the marker keeps the limit; the cut-off text itself is never served
+            cache.put(cut_off_key, CachedReply("", usage.prompt_tokens, cut.limit))
+        raise
     finally:  # failed calls count too: summary.json's totals say what a batch really sent
         still_waiting.cancel()
         _record(usage)
@@ -177,15 +199,17 @@ async def _complete(request: dict[str, Any], topic: str, step: str) -> str:
     return text
 
 
-async def _attempts(request: dict[str, Any], topic: str, step: str, usage: Usage) -> str:
+async def _attempts(request: dict[str, Any], topic: str, step: str, usage: Usage, shorter: bool,
+                    queued: pacing.QueueTime) -> str:
     """Send ``request`` until a usable reply, within one deadline and ``client_retries`` retries; count into
-    ``usage`` (changed in place) as it goes."""
+    ``usage`` (changed in place) as it goes. ``shorter``: the request is the shorter retry of a cut-off one."""
     settings = runtime.settings
     timeout, attempts = settings.request_timeout, 1 + settings.client_retries
+    # The deadline moves on by the time attempts wait in the pace (queued.seconds): it is the server's time.
     deadline, attempt = time.monotonic() + timeout, 0
     while True:  # each pass is one attempt: it returns the text, raises, or sleeps before the next
         attempt += 1
-        left = deadline - time.monotonic()
+        left = deadline + queued.seconds - time.monotonic()
         if left <= 0:
             raise _timed_out(topic, step, usage)
         runtime.requests_sent.add()
@@ -211,23 +235,34 @@ async def _attempts(request: dict[str, Any], topic: str, step: str, usage: Usage
             usage.prompt_tokens += tokens.prompt_tokens if tokens else 0
             usage.completion_tokens += tokens.completion_tokens if tokens else 0
             choice = response.choices[0]
-            # getattr: a stand-in client of runtime.use_client (the benchmark's) may not say why it stopped.
+            # getattr: a stand-in client of runtime.use_client (the benchmark's) may not say why it stopped,
+            # nor which model answered.
+            runtime.note_reported_model(getattr(response, "model", None))
             if getattr(choice, "finish_reason", None) == "length":
                 usage.cut_off += 1
                 limit = request.get("max_tokens") or 0
-                runtime.emit(topic, "cut-off", call=step, limit=limit)
-                raise ReplyCutOff(topic, step, limit, settings.reply_limit_variable(step))
+                runtime.emit(topic, "cut-off", call=step, limit=limit, shorter=shorter)
+                raise ReplyCutOff(topic, step, limit, settings.reply_limit_variable(step), shorter)
             text = choice.message.content or ""
             if text.strip():
                 return text
             failure = EmptyReplyError(f"the model returned an empty reply {attempt} times in a row")
             reason, wait = "an empty reply", 0.0  # not a busy server: ask again at once
         pause = wait if wait is not None and wait <= 60 else _backoff(attempt)
-        if attempt == attempts or time.monotonic() + pause >= deadline:
-            raise failure from None  # recoverable: Flyte's task retry may still succeed, the cache keeps the rest
+        if attempt == attempts or time.monotonic() + pause >= deadline + queued.seconds:
+            # Recoverable: Flyte's task retry may still succeed, and the cache keeps the rest. Said aloud, as
+            # the task starts again from the top.
+            runtime.emit(topic, "gave-up", call=step, attempts=attempt, reason=reason, task_attempt=_task_attempt())
+            raise failure from None
         usage.retries += 1
         runtime.emit(topic, "retrying", call=step, attempt=attempt + 1, attempts=attempts, reason=reason)
         await asyncio.sleep(pause)
+
+
+def _task_attempt() -> int:
+    """Flyte's attempt number of the task making the call: 0 for the first, or outside a task."""
+    context = flyte.ctx()
+    return context.attempt_number if context else 0
 
 
 def _backoff(attempt: int) -> float:
@@ -242,8 +277,8 @@ def _timed_out(topic: str, step: str, usage: Usage) -> ModelTimeout:
     runtime.emit(topic, "timed-out", call=step, seconds=timeout)
     return ModelTimeout(
         f"{topic}: the {step} got no reply within {timeout:g} s (REPORT_REQUEST_TIMEOUT={timeout:g}). A model on a "
-        f"CPU may need longer: raise REPORT_REQUEST_TIMEOUT, or lower {settings.reply_limit_variable(step)} for "
-        "shorter replies.")
+        f"CPU may need longer: raise REPORT_REQUEST_TIMEOUT. (A lower {settings.reply_limit_variable(step)} does "
+        "not make the model write less: it cuts its replies off.)")
 
 
 def redact(text: str) -> str:
@@ -258,23 +293,26 @@ def describe_error(error: BaseException) -> str:
     return redact(f"{kind}: {error}")
 
 
-def check_backend(timeout: float = 10.0) -> str:
+def check_backend(timeout: float = 10.0, *, fresh: bool = True) -> str:
     """Before a batch, one cheap request (list models) to a real server: fail once, clearly, not per topic.
-    Returns the model that will write the reports (with no REPORT_MODEL, the one the server lists)."""
+    Returns the model that will write the reports (``runtime.resolve_model``: asked anew, so a model swapped
+    behind the same URL is seen). ``fresh=False`` keeps a model already named since the settings changed."""
     settings = runtime.settings
     settings.check_ready()
-    if settings.backend == "offline":
-        return runtime.model_name
     where = settings.endpoint
     try:
-        runtime.served_models(timeout)  # kept: it also tells which model the server serves
+        return runtime.known_model if not fresh and runtime.known_model else runtime.resolve_model(timeout)
     except openai.AuthenticationError as error:
         raise BackendUnavailable(
             f"The server at {where} rejected the API key (HTTP {error.status_code}): check OPENAI_API_KEY."
+        ) from None
+    except openai.APIStatusError as error:
+        raise BackendUnavailable(
+            f"The server at {where} answered HTTP {error.status_code} to GET /models: is it still loading the "
+            "model? Wait for it to finish (its log says when), then run again."
         ) from None
     except openai.APIConnectionError as error:
         raise BackendUnavailable(
             f"Cannot reach the model server at {where} ({redact(str(error.__cause__ or error))}). "
             "Is it running? Check OPENAI_BASE_URL, or unset it and OPENAI_API_KEY to use the offline model."
         ) from None
-    return runtime.model_name

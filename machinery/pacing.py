@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import email.utils
 import math
@@ -50,7 +51,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx2
@@ -240,7 +241,10 @@ class Pace:
         await request.aread()  # the body, kept: a 429'd request is sent again
         tokens = len(request.content) // CHARS_PER_TOKEN
         while True:
+            queued_from = time.monotonic()  # the real clock: a deadline is real time, whatever self.clock is
             attempt = await self._admit(tokens)
+            if (measure := _queue_time.get()) is not None:
+                measure.seconds += time.monotonic() - queued_from
             done = _Once(self.limit.release)
             try:
                 response = await send(request)
@@ -544,6 +548,30 @@ class _HeldUntilClosed(httpx2.AsyncByteStream):
             await self._stream.aclose()
         finally:
             self._release()
+
+
+class QueueTime:
+    """Seconds requests spent queued in the pace (for a slot in the window, or out a pause): ``queue_time``."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+
+# A context variable: httpx calls the transport in the caller's task, so the pace adds a request's queueing
+# to the measure of the call that sent it, and concurrent calls never mix theirs.
+_queue_time: contextvars.ContextVar[QueueTime | None] = contextvars.ContextVar("queue_time", default=None)
+
+
+@contextlib.contextmanager
+def queue_time() -> Iterator[QueueTime]:
+    """Measure the time the requests sent inside the block wait in the pace before they go out
+    (``model_client``'s deadline counts the server's time, not the project's own queue)."""
+    measure = QueueTime()
+    token = _queue_time.set(measure)
+    try:
+        yield measure
+    finally:
+        _queue_time.reset(token)
 
 
 class PacedTransport(httpx2.AsyncBaseTransport):

@@ -1,8 +1,9 @@
 """Progress events (``runtime.listening``) as console lines, one line per event worth a line.
 
 * ``print_notable``: a wait a person should know about: a retry, a call still waiting after
-  ``model_client.STILL_WAITING_AFTER`` seconds, a timeout, a reply cut off at its limit (each naming the
-  topic and the step), and a pause for the server's rate limit. ``run_batch`` always listens with it,
+  ``model_client.STILL_WAITING_AFTER`` seconds, a timeout, a reply cut off at its limit, a call given up
+  to Flyte's task retry (each naming the topic and the step), a pause for the server's rate limit, and a
+  reply naming another model than the one recorded. ``run_batch`` always listens with it,
   so a terminal and a papermill log show them; ordinary steps print nothing, so an offline run's
   output does not change.
 * ``StepLines()``: a topic's ordinary steps (draft, each round's critique, score and revision,
@@ -28,7 +29,15 @@ def notable_line(event: dict[str, Any]) -> str | None:
     if step == "timed-out":
         return f"  {topic}: the {call} got no reply within {event['seconds']:g} s (REPORT_REQUEST_TIMEOUT)"
     if step == "cut-off":
-        return f"  {topic}: the {call} was cut off at the reply limit of {event['limit']} tokens"
+        again = ", even the shorter retry" if event.get("shorter") else ""
+        return f"  {topic}: the {call} was cut off at the reply limit of {event['limit']} tokens{again}"
+    if step == "gave-up":
+        task = f" (its attempt {event['task_attempt'] + 1})" if event.get("task_attempt") else ""
+        return (f"  {topic}: the {call} failed after {event['attempts']} attempt(s) ({event['reason']}); "
+                f"Flyte retries the task{task}")
+    if step == "other-model":
+        return (f"  the server answered as model {event['reported']}, not {event['recorded']} "
+                "(summary.json lists it under reported_models)")
     return None
 
 

@@ -40,6 +40,8 @@ class BatchResult:
     cached_topics: list[str]
     flyte_run_name: str = ""  # where Flyte's local run history keeps this run
     pacing: PaceStats = dataclasses.field(default_factory=PaceStats)  # 429s, pauses, peak in flight
+    # Models replies named other than ``model`` (a proxy renaming it, a server swapped mid-batch): usually none.
+    reported_models: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def index_path(self) -> Path:
@@ -103,6 +105,7 @@ def summary_document(batch: BatchResult) -> dict[str, Any]:
         "run_id": batch.run_id,
         "report_date": batch.report_date,
         "model": batch.model,
+        "reported_models": batch.reported_models,
         "topics": batch.rows(),
         "totals": {
             "topics": len(batch.reports),

@@ -19,10 +19,16 @@ keeps state at module level.
 * ``runtime.task_env_vars`` and ``runtime.openai_secrets(...)`` are the live
   values the task environments are declared with: they follow ``configure``,
   so a run or deploy ships the settings in force when it is made.
-* ``runtime.model_name`` is the model that writes the reports: ``settings.model_name``, or, for a
-  server other than OpenAI's with no ``REPORT_MODEL``, the one model it lists (``GET /models``, asked
-  once per settings, thread-safe; several, or none, is a ``BackendUnavailable`` asking for
-  ``REPORT_MODEL``). Requests, results, cache keys and ``task_env_vars`` use it.
+* ``runtime.model_name`` is the model that writes the reports, recorded in every result and part of
+  every cache key. ``runtime.resolve_model()`` names it, and ``model_client.check_backend`` calls it at
+  the start of every batch, so a model swapped behind the same URL is seen by the next batch: offline,
+  the built-in model; OpenAI's API, ``REPORT_MODEL`` or ``gpt-4o-mini`` (no listing needed); any other
+  server is asked (``GET /models``): when it lists exactly one model, that one writes (llama.cpp
+  answers with the model it serves whatever a request names; ``model_note`` then says that
+  ``REPORT_MODEL`` names another), else ``REPORT_MODEL`` must name it (several, or no listing, without
+  it is a ``BackendUnavailable``). ``runtime.requested_model`` is what requests send: ``REPORT_MODEL``,
+  the user's choice, or else ``model_name``. A reply that names yet another model (a proxy renaming it)
+  is kept in ``reported_models()`` for summary.json, with one ``other-model`` event per batch.
 * ``runtime.start_batch()`` starts a batch's counts: ``runtime.batch_usage`` (every model call's
   requests, retries, timeouts, cut-offs, tokens and cache hits, whichever topic made it) and the pace's
   counters and patience; ``runtime.pace.stats()`` reads the latter (``PaceStats``). ``runtime.limit`` is the
@@ -44,7 +50,12 @@ naming the topic and the step the call serves (``call``: "draft", "critique", "r
 "summary"): ``{"step": "retrying", "call": "draft", "attempt": 2, "attempts": 4, "reason": "HTTP 503
 from the server"}`` (the attempt about to be made, of at most ``attempts``), ``{"step":
 "still-waiting", "call": "draft", "seconds": 10.0}`` (once per call), ``{"step": "timed-out", "call":
-"draft", "seconds": 120.0}`` and ``{"step": "cut-off", "call": "draft", "limit": 1500}``.
+"draft", "seconds": 120.0}``, ``{"step": "cut-off", "call": "draft", "limit": 1500, "shorter": False}``
+(``shorter``: the cut-off reply was already the shorter retry) and ``{"step": "gave-up", "call": "draft",
+"attempts": 4, "reason": "HTTP 500 from the server", "task_attempt": 0}`` (a recoverable failure left to
+Flyte's task retry; ``task_attempt``: Flyte's attempt number, 0 for the first). The batch's
+``{"topic": None, "step": "other-model", "reported": "x", "recorded": "y"}``: a reply named a model
+other than the one recorded.
 ``machinery.progress`` words them for a console.
 """
 
@@ -68,11 +79,12 @@ from machinery import offline_llm
 from machinery.concurrency import InflightLimit, Tally
 from machinery.pacing import Pace, PacedHttpClient, PacedTransport
 from machinery.reply_cache import ReplyCache
-from machinery.settings import Settings
+from machinery.settings import OPENAI_URL, Settings
 
 logger = logging.getLogger("pipeline")
 
 ProgressListener = Callable[[dict[str, Any]], None]
+SHOWN_MODELS = 10  # names an error lists of a server's models; the rest are counted
 
 
 class BackendUnavailable(RuntimeError):
@@ -110,7 +122,8 @@ class Runtime:
         self._listeners: list[ProgressListener] = []
         self._transport: httpx2.AsyncBaseTransport | None = None
         self._client_override: Any = None
-        self._announced = False
+        self._announced: str | None = None  # the last announcement printed
+        self._reported_models: set[str] = set()  # other models replies named in this batch
         self._flyte_run_history: bool | None = None  # what Flyte was initialised with; None: not yet
         self._reply_cache: ReplyCache | None = None
         self._apply(settings)
@@ -150,7 +163,7 @@ class Runtime:
         )
         with self._model_lock:
             self._model: str | None = None  # the model name, once known (model_name)
-            self._served: tuple[str, ...] | None = None  # what GET /models listed, once asked
+            self.model_note: str | None = None  # when REPORT_MODEL names another than the one served
         self.task_env_vars.clear()
         self.task_env_vars.update(settings.task_env_vars())
         for live, secrets in self._secret_lists:
@@ -167,38 +180,90 @@ class Runtime:
 
     @property
     def model_name(self) -> str:
-        """The model that writes the reports: ``settings.model_name``, or the one model the server lists."""
+        """The model that writes the reports (``resolve_model``, if not named since the settings changed).
+        Named here, outside a batch (a deploy, a step awaited in a notebook), ``REPORT_MODEL`` stands when the
+        server cannot be asked: a deploy prepares tasks for a server this machine may not reach."""
         with self._model_lock:
-            if self._model is None:
-                self._model = self._settings.model_name or self._the_served_model()
-                if self._settings.backend == "openai":  # a cluster's containers use the same model
-                    self.task_env_vars["REPORT_MODEL"] = self._model
+            return self._model if self._model is not None else self.resolve_model(server_required=False)
+
+    @property
+    def known_model(self) -> str | None:
+        """The model named since the settings changed, if any (``model_name`` without asking anyone)."""
+        with self._model_lock:
             return self._model
 
-    def served_models(self, timeout: float = 10.0) -> tuple[str, ...]:
-        """The models the server lists (``GET /models``, asked once per settings); none when it has no such
-        route. Raises the ``openai`` client's errors (``check_backend`` words them)."""
-        with self._model_lock:
-            if self._served is None:
-                settings = self._settings
-                try:
-                    with openai.OpenAI(base_url=settings.base_url, timeout=timeout, max_retries=0) as client:
-                        self._served = tuple(model.id for model in client.models.list())
-                except openai.NotFoundError:
-                    self._served = ()  # some OpenAI-compatible servers do not list models
-            return self._served
+    @property
+    def requested_model(self) -> str:
+        """The name requests send: ``REPORT_MODEL``, the user's choice, or else the model that writes."""
+        return self._settings.model_name or self.model_name
 
-    def _the_served_model(self) -> str:
-        where, listed = self._settings.endpoint, self.served_models()
+    def resolve_model(self, timeout: float = 10.0, *, server_required: bool = True) -> str:
+        """Name the model that writes the reports now, asking the server when it is not OpenAI's (see the
+        module's docstring). Raises ``BackendUnavailable``, or the ``openai`` client's errors for
+        ``GET /models`` (``check_backend`` words them); with ``server_required=False``, a server that cannot
+        be asked leaves ``REPORT_MODEL``, when set, as the model."""
+        settings = self._settings
+        with self._model_lock:
+            if settings.backend == "offline" or settings.endpoint == OPENAI_URL:
+                model, note = settings.model_name, None
+            else:
+                try:
+                    model, note = self._served_model(self._list_models(timeout))
+                except openai.OpenAIError:  # unreachable, or no key here (a deploy's key is the cluster's secret)
+                    if server_required or not settings.model:
+                        raise
+                    model, note = settings.model, None
+            self._model, self.model_note = model, note
+            if settings.backend == "openai" and not settings.model:  # a cluster's containers use the same model
+                self.task_env_vars["REPORT_MODEL"] = model
+            return model
+
+    def _list_models(self, timeout: float) -> tuple[str, ...]:
+        """What ``GET /models`` lists; nothing when the server has no such route."""
+        try:
+            with openai.OpenAI(base_url=self._settings.base_url, timeout=timeout, max_retries=0) as client:
+                return tuple(model.id for model in client.models.list())
+        except openai.NotFoundError:
+            return ()  # some OpenAI-compatible servers do not list models
+
+    def _served_model(self, listed: tuple[str, ...]) -> tuple[str, str | None]:
+        """The model that writes, and a note when ``REPORT_MODEL`` names another."""
+        where, chosen = self._settings.endpoint, self._settings.model
         if len(listed) == 1:
-            return listed[0]
+            served = listed[0]
+            note = None if chosen in (None, served) else (
+                f"REPORT_MODEL={chosen} is not the model the server lists: it serves {served} whatever a request "
+                f"names, so {served} is recorded as the model.")
+            return served, note
+        if chosen:
+            return chosen, None
         if listed:
+            shown = ", ".join(listed[:SHOWN_MODELS]) + (
+                f" and {len(listed) - SHOWN_MODELS} more" if len(listed) > SHOWN_MODELS else "")
             raise BackendUnavailable(
-                f"The server at {where} serves {len(listed)} models ({', '.join(listed)}): set REPORT_MODEL to "
-                "the one that should write the reports.")
+                f"The server at {where} serves {len(listed)} models ({shown}): set REPORT_MODEL to the one that "
+                "should write the reports.")
         raise BackendUnavailable(
             f"The server at {where} does not list the model it serves (GET /models): set REPORT_MODEL to the "
             "model's name.")
+
+    def note_reported_model(self, reported: str | None) -> None:
+        """A reply named ``reported``. Another model than the one recorded (not merely a dated version of it,
+        as OpenAI answers "gpt-4o-mini-2024-07-18" to "gpt-4o-mini") is kept for summary.json and, the first
+        time in a batch, told to listeners. Never fails: proxies rename models."""
+        recorded = self.model_name
+        if not reported or reported == recorded or reported.startswith(f"{recorded}-"):
+            return
+        with self._model_lock:
+            first = not self._reported_models
+            self._reported_models.add(reported)
+        if first:
+            self.emit(None, "other-model", reported=reported, recorded=recorded)
+
+    def reported_models(self) -> list[str]:
+        """The other models replies named since ``start_batch`` (``note_reported_model``), sorted."""
+        with self._model_lock:
+            return sorted(self._reported_models)
 
     # ------------------------------------------------------------------ the model client layer
 
@@ -292,6 +357,8 @@ class Runtime:
         """Count from now: ``batch_usage`` and the pace's counters; the pace's patience starts now."""
         self.batch_usage.reset()
         self.pace.start_batch()
+        with self._model_lock:
+            self._reported_models = set()
 
     def _paused(self, seconds: float, reason: str) -> None:
         self.emit(None, "rate-limited", seconds=round(seconds, 1), reason=reason)
@@ -311,10 +378,13 @@ class Runtime:
         return self._settings.describe(self.model_name)
 
     def announce_backend(self) -> None:
-        """Say once per process which model writes the reports (never the key)."""
-        if not self._announced:
-            print(f"Reports are written by the {self.describe()}.", flush=True)
-            self._announced = True
+        """Say which model writes the reports (never the key): once per process, and again when it changes."""
+        line = f"Reports are written by the {self.describe()}."
+        if self.model_note:
+            line += f"\nNote: {self.model_note}"
+        if line != self._announced:
+            print(line, flush=True)
+            self._announced = line
 
 
 runtime = Runtime(Settings.from_env())

@@ -32,8 +32,9 @@ ON = ("on", "1", "true", "yes")
 @dataclasses.dataclass(frozen=True)
 class Settings:
     backend: str = "offline"  # "offline" or "openai" (any OpenAI-compatible server)
-    # REPORT_MODEL. None: OpenAI's API uses DEFAULT_OPENAI_MODEL, any other server is asked which model
-    # it serves (runtime.model_name), so reports and cache keys name the model that really wrote them.
+    # REPORT_MODEL, the name requests send. None: OpenAI's API uses DEFAULT_OPENAI_MODEL. Any other server
+    # is asked which model it serves at every batch (runtime.resolve_model), so reports and cache keys name
+    # the model that really wrote them, even where REPORT_MODEL names another (llama.cpp ignores it).
     model: str | None = None
     base_url: str | None = None  # None: the client's default, OPENAI_URL
     # The most HTTP requests to the model in flight at once, process-wide: a ceiling, not a target.
@@ -46,9 +47,11 @@ class Settings:
     # (OLLAMA_NUM_PARALLEL): its only signal is a timeout, after REPORT_REQUEST_TIMEOUT.
     max_concurrency: int = 64
     reports_dir: Path = PROJECT_ROOT / "reports"
-    # Seconds one model call may take, all its attempts together (model_client.complete): a reply that has
-    # not arrived by then is a ModelTimeout that nobody retries, so no layer multiplies the wait.
-    # 120 s fits OpenAI's slowest replies and a small model on a GPU; a CPU may need more.
+    # Seconds the server may take over one model call, all its attempts together (model_client.complete):
+    # a reply that has not arrived by then is a ModelTimeout that nobody retries, so no layer multiplies
+    # the wait. Time queued in the project's own pace (REPORT_MAX_CONCURRENCY, a rate-limit pause) is not
+    # the server's and does not count. 120 s fits OpenAI's slowest replies and a small model on a GPU; a
+    # CPU may need more.
     request_timeout: float = 120.0
     # Attempts after the first, within that one deadline, for a dropped connection, an HTTP 408, 409
     # or 5xx, or an empty reply (model_client.complete; 429s are the pace's, below). The openai client
@@ -114,12 +117,14 @@ class Settings:
     @property
     def endpoint(self) -> str:
         """Which server answers: part of every cached reply's key."""
-        return "offline" if self.backend == "offline" else self.base_url or OPENAI_URL
+        if self.backend == "offline":
+            return "offline"
+        return self.base_url.rstrip("/") if self.base_url else OPENAI_URL  # ".../v1/" is the same server
 
     @property
     def model_name(self) -> str | None:
-        """The model that writes the reports, when the settings alone say it; None: ask the server
-        (``runtime.model_name`` does, once)."""
+        """The model requests name, when the settings alone say it; None: ask the server which it serves
+        (``runtime.resolve_model``, which also decides the model recorded as writing the reports)."""
         if self.backend == "offline":
             return offline_llm.MODEL_VERSION
         if self.model:

@@ -3,12 +3,15 @@
 Run by tests/test_app.py in a subprocess, because ``flyte.init`` with an endpoint changes process-wide state.
 As in deploy_dry_run.py: the endpoint is a loopback address nothing listens on (a dry run never contacts it),
 and the image-existence check, which would ask a public registry, is replaced with "assume it exists".
-Prints one JSON line: what the cluster would receive for the app, and which task environments come with it.
+Prints one JSON line: what the cluster would receive for the app, and which task environments come with it; and the
+image URIs Flyte computes (``Image.uri``) for the app's image, the pipeline's, and the pipeline's image with the
+packages given as arguments, to compare with the image the serialized app names.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import tarfile
 from pathlib import Path
 
@@ -23,10 +26,16 @@ async def assume_image_exists(image):
 
 ImageBuildEngine.image_exists = staticmethod(assume_image_exists)
 ROOT = Path(__file__).resolve().parents[1]
-flyte.init(endpoint="dns:///localhost:30080", insecure=True, project="demo", domain="development", root_dir=ROOT)
+# A registry named at init, as a cluster's config names one: images declared afterwards carry it, so their URIs are the
+# ones deployed (without it, a local build would add the localhost dev registry only when it builds).
+flyte.init(endpoint="dns:///localhost:30080", insecure=True, project="demo", domain="development", root_dir=ROOT,
+           image_registry="registry.example.com/reports")
 
 import pipeline  # noqa: E402  (after init, as a user script would)
 
+# Before the deploy, which may resolve an environment's image again: the URIs of the images as declared.
+image_uris = {"app": pipeline.app_env.image.uri, "pipeline": pipeline.image.uri,
+              "pipeline_with_packages": pipeline.image.with_pip_packages(*sys.argv[1:]).uri}
 deployments = flyte.deploy(pipeline.app_env, dry_run=True)
 environments = {name: deployed for deployment in deployments for name, deployed in deployment.envs.items()}
 spec = environments["report-explorer"].deployed_app.pb2.spec
@@ -37,8 +46,8 @@ with tarfile.open(bundle) as archive:  # a dry run leaves the bundle on disk, no
     bundled = sorted(archive.getnames())
 print(json.dumps({
     "environments": sorted(environments),
-    "image_packages": [layer.packages for layer in pipeline.app_env.image._layers if hasattr(layer, "packages")],
     "image_uri": spec.container.image,
+    "declared_image_uris": image_uris,
     "ports": [port.container_port for port in spec.container.ports],
     "app_args": list(spec.container.args),
     "entrypoint": command[0],

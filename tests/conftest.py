@@ -23,9 +23,10 @@ machinery/concurrency.py       test_concurrency.py
 machinery/pacing.py            test_pacing.py (the window, shared pauses, budgets, patience, counters)
 machinery/records.py           test_records.py
 machinery/model_client.py      test_model_client.py (complete: cache, empty replies, redaction,
-                               metering, a rate limit past patience, retries, one deadline, timeouts,
-                               cut-off replies, events; describe_error; check_backend and the
-                               model a server lists)
+                               metering, a rate limit past patience, retries, one deadline (the
+                               server's time, not the pace's queue), timeouts, cut-off replies and
+                               their marker, events; describe_error; check_backend and the model a
+                               server lists, asked anew per batch)
 machinery/progress.py          test_progress.py (events as console lines)
 machinery/reply_cache.py       test_reply_cache.py
 machinery/cache_policy.py      test_cache_policy.py (keys; the CLI rerun/edit end to end)
@@ -50,9 +51,10 @@ benchmarks/bench.py            test_bench.py
 explorer.py                    test_explorer.py (views, the report explorer, run_tree)
 machinery/app_serving.py,      test_app.py (APP_PORT, the local command, ExplorerApp: saved runs and the
 explorer.py: ExplorerApp       cluster's Run button with a stand-in runner; the app's dry run for a cluster,
-                               the app notebook under papermill, `make app` stopped by Ctrl-C and SIGTERM)
-the served app in a browser    test_app_browser.py (Chromium: two topics run, hostile text inert, a saved
-                               run opened, every process stopped)
+                               the app notebook under papermill, `make app` stopped by Ctrl-C, SIGHUP,
+                               SIGTERM to make or to the server; idle kernels culled)
+the served app in a browser    test_app_browser.py (Chromium: two topics run, a double click runs once,
+                               hostile text inert, a saved run opened, every process stopped)
 tools/pipeline_diagram.py      test_diagram.py (the diagram matches pipeline.py)
 =============================  =====================================================================
 

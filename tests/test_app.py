@@ -1,7 +1,7 @@
 """The report explorer as a web app: machinery/app_serving.py, the app's views in explorer.py
-(ExplorerApp, saved runs, the cluster's Run button), pipeline.app_env serialized for a cluster (an
-offline dry run), the app notebook under papermill, and `make app` stopped by Ctrl-C or SIGTERM.
-test_app_browser.py opens the served app in Chromium.
+(ExplorerApp, saved runs, the cluster's Run button, double clicks), pipeline.app_env serialized for a
+cluster (an offline dry run), the app notebook under papermill, idle kernels culled, and `make app`
+stopped by Ctrl-C, SIGTERM, SIGHUP or `kill` of make. test_app_browser.py opens the served app in Chromium.
 
 No test here reaches a cluster: the cluster's Run button is driven with a substituted runner, which
 checks what the app asks for and how it shows the run, not that a cluster accepts it.
@@ -9,9 +9,14 @@ checks what the app asks for and how it shows the run, not that a cluster accept
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import datetime as dt
+import html
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,10 +32,13 @@ import pytest
 from conftest import ROOT, subprocess_env
 from hostile import HOSTILE_TOPIC
 from scratch_project import make_scratch_project, scratch_environment
+from tornado.websocket import websocket_connect
 
 import explorer
 import pipeline
 from machinery import app_serving
+from machinery.inputs import validate_run_id
+from machinery.run_output import REPORT_FILES
 
 # Topics no other test file uses: Flyte's task cache is shared by the whole test session.
 TOPICS = ["App: saved kelp forests", "App: saved tide tables"]
@@ -62,11 +70,14 @@ def test_make_app_refuses_a_bad_or_busy_port_before_starting_anything(monkeypatc
     assert f"error: port {port} is in use; choose another with APP_PORT" in capsys.readouterr().err
 
 
+CULLING = ["--MappingKernelManager.cull_idle_timeout=600", "--MappingKernelManager.cull_interval=60"]
+
+
 def test_locally_the_same_environment_listens_on_loopback_and_app_port():
     local = app_serving.local_environment(pipeline.app_env, 9123)
     notebook = ROOT / app_serving.APP_NOTEBOOK
     assert local.args == ["voila", str(notebook), "--template=explorer", "--port", "9123", "--no-browser",
-                          "--Voila.ip=127.0.0.1", "--Voila.port_retries=0"]
+                          "--Voila.ip=127.0.0.1", *CULLING, "--Voila.port_retries=0"], "culling too"
     assert (ROOT / app_serving.TEMPLATES / "voila" / "templates" / "explorer" / "index.html.j2").is_file()
     assert notebook.is_file() and local.get_port().port == 9123
     assert local.name == pipeline.app_env.name and local.parameters == pipeline.app_env.parameters
@@ -77,6 +88,8 @@ def test_the_app_environment_is_the_one_the_cluster_args_name():
     env = pipeline.app_env
     assert env.args[:2] == ["voila", app_serving.APP_NOTEBOOK] and env.args[env.args.index("--port") + 1] == "8080"
     assert "--template=explorer" in env.args and set(env.include) == {"apps", "explorer.py"}
+    assert env.args[-2:] == CULLING, "idle kernels of closed pages are shut down"
+    assert not [arg for arg in env.args if "cull_busy" in arg or "cull_connected" in arg], "never a busy or open one"
     assert env.depends_on == [pipeline.driver_env] and env.requires_auth
     assert env.env_vars == {"REPORT_APP_TARGET": "cluster", "JUPYTER_PATH": app_serving.TEMPLATES}
 
@@ -163,6 +176,106 @@ def test_a_local_run_joins_the_saved_runs(saved):
     assert app.runs.value == reports / "second", "what was selected stays selected"
 
 
+@pytest.mark.parametrize(("damage", "error"), [
+    ("summary.txt", "first/{slug}/ has no summary.txt"),
+    ("report.md", "first/{slug}/ has no report.md"),
+    ("front matter", "first/{slug}/report.md has no front matter: not this pipeline's"),
+    ("foreign summary", "first/summary.json is not a run summary of this pipeline (KeyError: 'topics')"),
+    ("not json", "first/summary.json is not a run summary of this pipeline (JSONDecodeError: Expecting value"),
+])
+def test_a_run_that_cannot_be_opened_is_said_in_the_message_line(saved, tmp_path, damage, error):
+    reports, first, _ = saved
+    copy = shutil.copytree(reports / "first", tmp_path / "first")
+    slug = first.reports[0].slug  # the topic that succeeded: its files are read
+    if damage in REPORT_FILES:
+        (copy / slug / damage).unlink()
+    elif damage == "front matter":
+        (copy / slug / "report.md").write_text("# A report from elsewhere\n", encoding="utf-8")
+    else:
+        (copy / "summary.json").write_text('{"runs": []}' if damage == "foreign summary" else "<html>",
+                                           encoding="utf-8")
+    shutil.copytree(reports / "second", tmp_path / "second")
+    app = explorer.ExplorerApp(tmp_path)
+    app.runs.value = copy
+    app.open_button.click()  # a click: shown, not raised into the kernel's log
+    message = app.explorer.message.value
+    assert message.startswith('<span style="color:#cf222e">Could not open saved run first: ')
+    assert html.escape(error.format(slug=slug)) in message, message
+    assert app.explorer.results == {} and list(app.explorer.choice.options) == [], "nothing half-shown"
+    with pytest.raises((OSError, ValueError)):
+        app.open_run(copy)  # a cell's call: raised
+    app.runs.value = tmp_path / "second"
+    app.open_button.click()
+    assert app.explorer.message.value == "" and TOPICS[1] in app.explorer.results, "the next Open clears the error"
+
+
+def test_a_page_s_run_id_names_when_it_opened_and_its_kernel():
+    opened = dt.datetime(2026, 11, 30, 9, 5, 7)
+    assert explorer.app_run_id(opened, 4242) == "app-20261130-090507-4242"
+    assert explorer.app_run_id(opened, 4243) != explorer.app_run_id(opened, 4242), "two pages in the same second"
+    assert validate_run_id(explorer.app_run_id(opened, 4194304) + "-10"), "a valid folder name, also the tenth run"
+
+
+def test_a_click_within_half_a_second_of_the_end_of_a_run_with_its_inputs_was_sent_during_it():
+    ui = explorer.ReportExplorer(["Rust"])
+    assert not explorer.queued_click(ui, now=0.0), "before any run, no click is queued"
+    ui._click_run = (100.0, explorer.click_inputs(ui))  # a run a click started ended at 100 s
+    assert explorer.queued_click(ui, now=100.0) and explorer.queued_click(ui, now=100.49)
+    assert not explorer.queued_click(ui, now=100.5) and not explorer.queued_click(ui, now=160.0)
+    ui.threshold.value = 7  # sent by the browser before the click: a new request, however fast
+    assert not explorer.queued_click(ui, now=100.1)
+    ui.threshold.value, ui.topics_box.value = 8, "Rust\nGo"
+    assert not explorer.queued_click(ui, now=100.1)
+
+
+def test_a_double_click_on_run_runs_the_batch_once(tmp_path):
+    app = explorer.ExplorerApp(tmp_path, run_id="app-double")
+    ui = app.explorer
+    ui.topics_box.value = "App: a double click"
+    ui.run_button.click()
+    ui.run_button.click()  # handled the moment the first run ended, as a double-click's second click is
+    assert [run.name for run in explorer.saved_runs(tmp_path)] == ["app-double"]
+    ended, inputs = ui._click_run
+    ui._click_run = (ended - 1, inputs)  # a second later: a click of its own
+    ui.run_button.click()
+    assert sorted(run.name for run in explorer.saved_runs(tmp_path)) == ["app-double", "app-double-2"]
+
+
+def test_on_a_cluster_a_double_click_starts_one_run_with_run_disabled_meanwhile(tmp_path):
+    disabled_while_starting = []
+
+    class WatchedCluster(FakeCluster):
+        def __call__(self, task_name, inputs):
+            disabled_while_starting.append(app.explorer.run_button.disabled)
+            return super().__call__(task_name, inputs)
+
+    cluster = WatchedCluster()
+    app = explorer.ExplorerApp(tmp_path, target="cluster", start_run=cluster)
+    app.explorer.topics_box.value = "Rust"
+    app.explorer.run_button.click()
+    app.explorer.run_button.click()
+    assert len(cluster.started) == 1 and disabled_while_starting == [True]
+    assert not app.explorer.run_button.disabled, "enabled again once the run has started"
+    app.explorer.topics_box.value = "Go"  # other topics, at once: a request of its own
+    app.explorer.run_button.click()
+    assert [inputs["topics"] for _, inputs in cluster.started] == [["Rust"], ["Go"]]
+
+
+def test_a_cluster_run_initialises_flyte_once_per_kernel(monkeypatch):
+    import flyte
+    import flyte.remote
+
+    connected: list[str] = []
+    monkeypatch.setattr(flyte, "is_control_plane_available", lambda: bool(connected))
+    monkeypatch.setattr(flyte, "init_in_cluster", lambda: connected.append("init_in_cluster"))
+    monkeypatch.setattr(flyte.remote.Task, "get", staticmethod(lambda name, auto_version: f"{name}@{auto_version}"))
+    monkeypatch.setattr(flyte, "run", lambda task, **inputs: (task, inputs))
+    for _ in range(2):
+        assert explorer.start_cluster_run("driver.report_batch_pipeline", {"topics": ["Rust"]}) == \
+               ("driver.report_batch_pipeline@latest", {"topics": ["Rust"]})
+    assert connected == ["init_in_cluster"], "the second run reuses the first's connection"
+
+
 class FakeCluster:
     """Stands in for a cluster: records what the app asked to start and returns a run like flyte.run's."""
 
@@ -218,18 +331,22 @@ def test_a_cluster_that_refuses_is_shown_not_raised_by_a_click(tmp_path):
 # ----------------------------------------------------------------------------------------- for a cluster, offline
 
 
+APP_PACKAGES = ["voila>=0.5.13", "ipykernel>=6.29", "ipywidgets>=8.1", "matplotlib>=3.8"]
+
+
 @pytest.mark.slow
 def test_the_app_environment_serializes_for_a_cluster():
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "app_dry_run.py")], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env=subprocess_env())
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "app_dry_run.py"), *APP_PACKAGES],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=subprocess_env())
     assert done.returncode == 0, done.stderr[-3000:]
     app = json.loads(done.stdout.strip().splitlines()[-1])
     assert app["environments"] == ["driver", "llm-worker", "report-explorer"], "the tasks Run starts come along"
-    assert app["image_packages"][-1] == ["voila>=0.5.13", "ipykernel>=6.29", "ipywidgets>=8.1", "matplotlib>=3.8"]
-    assert "openai>=3.50" in app["image_packages"][0], "on top of the pipeline's packages"
+    declared = app["declared_image_uris"]
+    assert app["image_uri"] == declared["app"] != declared["pipeline"], "the app's own image, serialized"
+    assert app["image_uri"] == declared["pipeline_with_packages"], "the pipeline's image plus exactly these packages"
     assert app["ports"] == [8080] and app["entrypoint"] == "fserve"
     assert app["app_args"] == ["voila", "apps/explorer.ipynb", "--template=explorer", "--port", "8080",
-                               "--no-browser", "--Voila.ip=0.0.0.0"]
+                               "--no-browser", "--Voila.ip=0.0.0.0", *CULLING]
     assert app["parameters"] == [{"name": "reports_dir", "value": "reports", "download": False, "type": "string",
                                   "env_var": "REPORTS_DIR", "dest": None, "ignore_patterns": []}]
     assert app["env"]["REPORT_APP_TARGET"] == "cluster" and app["env"]["JUPYTER_PATH"] == "apps/jupyter"
@@ -242,19 +359,21 @@ def test_the_app_environment_serializes_for_a_cluster():
 
 
 @pytest.mark.slow
-def test_the_app_notebook_runs_topics_given_as_parameters(tmp_path):
+@pytest.mark.parametrize("kernel_folder", ["apps", "."], ids=["kernel-in-apps", "kernel-in-the-project"])
+def test_the_app_notebook_runs_topics_given_as_parameters(tmp_path, kernel_folder):
+    """Voila starts the kernel in apps/, another runner may start it elsewhere: the notebook finds the project
+    either way, and a relative REPORTS_DIR is a folder of the project."""
     project = make_scratch_project(tmp_path / "project")
-    reports = tmp_path / "reports"
     executed = ROOT / "build" / "papermill" / "app-explorer.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
-        [sys.executable, "-m", "papermill", "apps/explorer.ipynb", str(executed), "-k", "python3", "--cwd", "apps",
-         "--no-progress-bar", "-y", "topics: [Rust, WebAssembly]"],
+        [sys.executable, "-m", "papermill", "apps/explorer.ipynb", str(executed), "-k", "python3",
+         "--cwd", kernel_folder, "--no-progress-bar", "-y", "topics: [Rust, WebAssembly]"],
         cwd=project, capture_output=True, text=True, timeout=600,
-        env=scratch_environment(project, REPORTS_DIR=str(reports)))
+        env=scratch_environment(project, REPORTS_DIR="app-reports"))
     assert done.returncode == 0, done.stderr[-4000:]
-    (run,) = explorer.saved_runs(reports)
-    assert run.name.startswith("app-")
+    (run,) = explorer.saved_runs(project / "app-reports")
+    assert re.fullmatch(r"app-\d{8}-\d{6}-\d+", run.name), run.name
     summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
     assert [row["topic"] for row in summary["topics"]] == ["Rust", "WebAssembly"]
     notebook = nbformat.read(executed, as_version=4)
@@ -270,6 +389,56 @@ def test_the_app_notebook_is_clean():
     assert "parameters" in code[0].metadata.get("tags", [])
 
 
+# ----------------------------------------------------------------------------------------- idle kernels
+
+
+@pytest.mark.slow
+def test_the_kernel_of_a_page_nobody_has_open_is_culled_and_an_open_one_is_not(tmp_path):
+    """The app's culling options, served for real with a 2 s timeout checked every second: two pages fetched
+    without a browser each leave a kernel; one is left alone and is culled, the other has a connection (what an
+    open page holds) and outlives the timeout, until the connection closes. Checked by process id."""
+    quick = [argument.replace("cull_idle_timeout=600", "cull_idle_timeout=2").replace("cull_interval=60",
+                                                                                      "cull_interval=1")
+             for argument in pipeline.app_env.args]
+    assert quick != list(pipeline.app_env.args), "the app's own culling options, shortened"
+    port = app_serving.free_port()
+    environ = dict(os.environ)  # Flyte's local serving writes REPORTS_DIR and more into this process's environment
+    handle = app_serving.serve_locally(pipeline.app_env.clone_with(pipeline.app_env.name, args=quick), port,
+                                       tmp_path / "reports", log=tmp_path / "app.log")
+    try:
+        app_serving.wait_until_serving(handle, port)
+        kernel_ids = []
+        for _ in range(2):
+            with urllib.request.urlopen(app_serving.app_url(port), timeout=120) as page:
+                kernel_ids += re.findall(r'"kernelId": "([0-9a-f-]+)"', page.read().decode())
+        fetched = time.monotonic()
+        assert len(kernel_ids) == 2
+        kernels = [process for process in app_serving.server_processes(handle)
+                   if "ipykernel_launcher" in process.cmdline()]
+        # Each kernel's command names its connection file, kernel-<its id>.json.
+        left, held = [next(kernel for kernel in kernels if any(kernel_id in argument for argument in kernel.cmdline()))
+                      for kernel_id in kernel_ids]
+
+        async def hold_the_second_page_open() -> None:
+            connection = await websocket_connect(f"ws://127.0.0.1:{port}/api/kernels/{kernel_ids[1]}/channels")
+            try:
+                _, alive = psutil.wait_procs([left], timeout=15)
+                assert alive == [], "the kernel of the page nobody holds is culled"
+                await asyncio.sleep(max(0.0, fetched + 5 - time.monotonic()))  # idle for over 2 s + 2 checks
+                assert held.is_running(), "the kernel of an open page is not culled, however idle"
+            finally:
+                connection.close()
+
+        asyncio.run(hold_the_second_page_open())
+        _, alive = psutil.wait_procs([held], timeout=10)
+        assert alive == [], "once its page is closed, it is culled too"
+        assert (tmp_path / "app.log").read_text().count("Culling 'idle' kernel") == 2
+    finally:
+        app_serving.stop(handle)
+        os.environ.clear()
+        os.environ.update(environ)
+
+
 # ----------------------------------------------------------------------------------------- make app
 
 
@@ -278,10 +447,14 @@ def kernels_of(server: psutil.Process) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_with", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_make_app_serves_the_page_and_stops_cleanly(stop_with, tmp_path):
-    """`make app` in a process group of its own, as a terminal runs it; the signal goes to the whole group, as
-    Ctrl-C does. Afterwards neither Voila nor the kernel that rendered the page is running, checked by process id."""
+@pytest.mark.parametrize(("stop_with", "sent_to"), [(signal.SIGINT, "group"), (signal.SIGHUP, "group"),
+                                                   (signal.SIGTERM, "make"), (signal.SIGTERM, "serve.py")],
+                         ids=["ctrl-c", "closed-terminal", "kill-make", "kill-serve"])
+def test_make_app_serves_the_page_and_stops_cleanly(stop_with, sent_to, tmp_path):
+    """`make app` in a process group of its own, as a terminal runs it. The signal goes to the whole group, as
+    Ctrl-C does and a closed terminal's SIGHUP does (the shell passes it on to its jobs), or, as `kill <pid>` does,
+    to make alone or to apps/serve.py alone. Afterwards neither Voila nor the kernel that rendered the page is
+    running, checked by process id."""
     port = app_serving.free_port()
     env = subprocess_env(APP_PORT=str(port), REPORTS_DIR=str(tmp_path / "reports"))
     started = time.monotonic()
@@ -306,7 +479,13 @@ def test_make_app_serves_the_page_and_stops_cleanly(stop_with, tmp_path):
             assert time.monotonic() < deadline, "the page started no kernel"
             time.sleep(0.2)
         started_by_app += kernels_of(started_by_app[0])
-        os.killpg(make.pid, stop_with)
+        if sent_to == "group":
+            os.killpg(make.pid, stop_with)
+        elif sent_to == "make":
+            os.kill(make.pid, stop_with)
+        else:
+            (serve,) = [p for p in psutil.Process(make.pid).children() if "apps/serve.py" in p.cmdline()]
+            os.kill(serve.pid, stop_with)
         rest = make.communicate(timeout=60)[0]
         assert "Stopped the app" in rest, "".join(lines) + rest
         _, alive = psutil.wait_procs(started_by_app, timeout=10)

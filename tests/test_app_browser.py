@@ -4,8 +4,8 @@ The app is served the way `make app` serves it (apps/serve.py: Flyte's local ser
 pipeline.app_env, Voila on loopback) from a fresh project copy, its kernels reaching a hostile model
 over loopback (tests/hostile.py). The page opens with no console error; two topics typed in and Run
 show both results; a hostile topic and hostile model text never run as script; a saved run opens
-from the list. The server is stopped by its process and every process below it is checked gone, by
-process id.
+from the list; a double-click on Run runs the batch once. The server is stopped by its process and
+every process below it is checked gone, by process id.
 
 Chromium comes from Debian (`apt-get install chromium`, done by .ci/run); a missing browser fails
 these tests rather than skipping them. Screenshots are saved in build/screenshots/.
@@ -47,15 +47,17 @@ def browser():
 
 @pytest.fixture(scope="module")
 def served_app(tmp_path_factory):
-    """apps/serve.py in a process group of its own, as `make app` runs it; yields the URL and the server's process.
+    """apps/serve.py in a process group of its own, as `make app` runs it; yields the URL, the server's process,
+    the project and the reports folder.
     Afterwards: stopped with SIGINT, as Ctrl-C stops it, and every process it started is checked gone."""
     base = tmp_path_factory.mktemp("app")
     project = make_scratch_project(base / "project")
+    reports = base / "reports"
     port = app_serving.free_port()
     with contextlib.ExitStack() as cleanup:
         model = cleanup.enter_context(HostileServer())
         env = scratch_environment(project, OPENAI_BASE_URL=model.base_url, OPENAI_API_KEY="sk-test-app",
-                                  APP_PORT=str(port), REPORTS_DIR=str(base / "reports"),
+                                  APP_PORT=str(port), REPORTS_DIR=str(reports),
                                   JUPYTER_CONFIG_DIR=str(base / "jupyter-config"),
                                   JUPYTER_DATA_DIR=str(base / "jupyter-data"),
                                   JUPYTER_RUNTIME_DIR=str(base / "jupyter-runtime"), IPYTHONDIR=str(base / "ipython"))
@@ -71,7 +73,7 @@ def served_app(tmp_path_factory):
             time.sleep(0.2)
         url = f"http://127.0.0.1:{port}/"
         assert f"The report explorer is at {url}" in Path(log.name).read_text()
-        yield url, server, project
+        yield url, server, project, reports
         everything = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
         os.killpg(server.pid, signal.SIGINT)
         try:
@@ -93,7 +95,7 @@ def kill_what_is_left(server: subprocess.Popen) -> None:
 
 
 def test_the_served_app_runs_topics_and_stays_inert(browser, served_app):
-    url, server, project = served_app
+    url, server, project, _ = served_app
     watched = WatchedPage(browser, viewport=(1280, 1000))
     page = watched.page
     try:
@@ -148,6 +150,37 @@ def test_the_served_app_runs_topics_and_stays_inert(browser, served_app):
         assert opened < 60, f"the page took {opened:.1f} s to show the explorer"
     except BaseException:
         page.screenshot(path=str(SCREENSHOTS / "app-FAILED.png"), full_page=True)
+        raise
+    finally:
+        watched.close()
+
+
+def run_folders(reports: Path) -> set[Path]:
+    return {summary.parent for summary in reports.glob("*/summary.json")}
+
+
+def test_a_double_click_on_run_runs_the_batch_once(browser, served_app):
+    """Both clicks reach the kernel before the disabled button reaches the browser: the second waits in the kernel's
+    queue until the first run ends, and is then dropped (explorer.QUEUED_CLICK_SECONDS)."""
+    url, _, _, reports = served_app
+    before = run_folders(reports)
+    watched = WatchedPage(browser, viewport=(1280, 1000))
+    page = watched.page
+    try:
+        page.goto(url)
+        app = page.locator(".widget-vbox", has=page.locator(".widget-tab")).first
+        app.locator("textarea").wait_for()
+        app.locator("textarea").fill("Tea")
+        app.locator("button", has_text="Run").dblclick()
+        app.locator(".widget-html-content", has_text="Finished: 1 of 1 topics succeeded").wait_for()
+        # The kernel handles messages in order: once this Open is shown, every click sent before it was handled.
+        app.locator("button", has_text="Open").click()
+        app.locator(".widget-html-content", has_text="Showing saved run").wait_for()
+        new = run_folders(reports) - before
+        assert len(new) == 1, sorted(folder.name for folder in new)
+        assert watched.console_errors == [], watched.console_errors
+    except BaseException:
+        page.screenshot(path=str(SCREENSHOTS / "app-double-click-FAILED.png"), full_page=True)
         raise
     finally:
         watched.close()

@@ -37,14 +37,15 @@ def test_the_key_covers_the_source_file(tmp_path):
     assert code_and_model(a) == code_and_model(a)
 
 
-def test_the_key_covers_the_model(tmp_path, monkeypatch):
+def test_the_key_covers_the_model(tmp_path, monkeypatch, api_key):
     source = module_file(tmp_path, "m.py", "x = 1\n")
     keys = {code_and_model(source)}
     with runtime.configured(backend="openai"):
         keys.add(code_and_model(source))
         with runtime.configured(model="gpt-4.1-mini"):
             keys.add(code_and_model(source))
-        with runtime.configured(base_url="http://127.0.0.1:8765/v1", model="gpt-4o-mini"):  # same model elsewhere
+        with offline_llm.OfflineServer(served_model="gpt-4o-mini") as server, \
+                runtime.configured(base_url=server.base_url):  # the same model elsewhere
             keys.add(code_and_model(source))
     monkeypatch.setattr(offline_llm, "MODEL_VERSION", "offline-reporter-next")
     keys.add(code_and_model(source))

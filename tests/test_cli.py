@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,15 @@ def test_main_reports_an_unusable_backend_in_one_line(tmp_path, capsys, api_key)
     assert api_key not in err
 
 
+def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_batch", interrupted)
+    assert pipeline.main(["Cats", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "interrupted: a rerun resumes from the reply cache\n"
+
+
 def test_no_cache_asks_the_model_again(tmp_path, capsys):
     """--no-cache skips Flyte's task cache and the reply cache, for the rest of the process."""
     arguments = ["No-cache topic", "--out", str(tmp_path), "--max-iterations", "1"]
@@ -123,6 +134,22 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_during_a_batch_is_one_line_and_exit_code_130(tmp_path):
+    with offline_llm.OfflineServer(latency=30) as server:  # the draft is still on its way when Ctrl-C comes
+        cli = subprocess.Popen(
+            [sys.executable, str(ROOT / "pipeline.py"), "Cats", "--out", str(tmp_path), "--no-cache"], cwd=tmp_path,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=subprocess_env(REPORT_BACKEND="openai", OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="sk-local"))
+        waited = time.monotonic()
+        while server.stats().requests == 0 and time.monotonic() - waited < 60:
+            time.sleep(0.05)
+        cli.send_signal(signal.SIGINT)
+        out, err = cli.communicate(timeout=60)
+    assert cli.returncode == 130 and "  Cats: draft" in out
+    assert err == "interrupted: a rerun resumes from the reply cache\n", "one line, no traceback"
+
+
+@pytest.mark.slow
 def test_cli_refuses_the_old_cache_variable(tmp_path):
     done = run_cli(["Cats", "--out", str(tmp_path)], cwd=tmp_path, REPORT_LLM_CACHE="off")
     assert done.returncode != 0
@@ -130,14 +157,15 @@ def test_cli_refuses_the_old_cache_variable(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def flyte_run_local(project: Path, *arguments: str) -> tuple[subprocess.CompletedProcess, str]:
-    """``flyte run --local pipeline.py report_batch_pipeline ...``; the result and its output without colours."""
+def flyte_run_local(project: Path, *arguments: str, **env: str) -> tuple[subprocess.CompletedProcess, str]:
+    """``flyte run --local pipeline.py report_batch_pipeline ...`` (``env``: more environment variables); the result
+    and its output without colours."""
     # COLUMNS: Flyte prints the outputs in a box as wide as the terminal; wide, so no value is wrapped.
     done = subprocess.run(
         [str(Path(sys.executable).parent / "flyte"), "run", "--local", "pipeline.py", "report_batch_pipeline",
          *arguments],
         cwd=project, capture_output=True, text=True, timeout=300,
-        env=subprocess_env(PYTHONPATH=str(project), REPORTS_DIR=str(project / "reports"), COLUMNS="100000"))
+        env=subprocess_env(PYTHONPATH=str(project), REPORTS_DIR=str(project / "reports"), COLUMNS="100000", **env))
     return done, re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + done.stderr)
 
 
@@ -164,6 +192,23 @@ def test_flyte_run_local_reports_a_bad_topic_list(tmp_path):
     done, output = flyte_run_local(project, "--topics", '["Cats", "Cats"]')
     assert "topic #2 'Cats' repeats topic #1" in output, output[-3000:]
     assert "Success" not in output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["two models", "unreachable"])
+def test_flyte_run_local_says_clearly_why_the_server_cannot_be_used(tmp_path, server):
+    """`flyte run` goes straight to the driver task: its check, not a cache policy's, must fail first."""
+    project = make_scratch_project(tmp_path / "project")
+    with offline_llm.OfflineServer(served_model=("qwen-0.5b", "llama-3b")) as two_models:
+        base_url = two_models.base_url if server == "two models" else "http://127.0.0.1:9/v1"  # 9: nothing listens
+        done, output = flyte_run_local(project, "--topics", '["Cats"]', REPORT_BACKEND="openai",
+                                       OPENAI_BASE_URL=base_url, OPENAI_API_KEY="sk-loopback-test")
+        completions = two_models.stats().requests
+    flat = " ".join(output.split())  # Flyte wraps its box's lines
+    expected = {"two models": f"The server at {base_url} serves 2 models (qwen-0.5b, llama-3b): set REPORT_MODEL",
+                "unreachable": f"Cannot reach the model server at {base_url}"}[server]
+    assert done.returncode != 0 and expected in flat, output[-3000:]
+    assert "Failed to generate version for cache policy" not in flat and completions == 0
 
 
 @pytest.mark.slow

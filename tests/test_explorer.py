@@ -378,11 +378,21 @@ def test_a_calls_waits_show_in_the_step_column_without_moving_the_bar():
         {"step": "cut-off", "call": "draft", "limit": 1500},
         {"step": "critique", "iteration": 1},
         {"step": "timed-out", "call": "critique", "seconds": 120.0},
+        {"step": "gave-up", "call": "critique", "attempts": 4, "reason": "HTTP 500 from the server", "task_attempt": 0},
     ]:
         ui._on_event({"topic": "Cats", **event})
         shown.append((ui.progress_rows["Cats"]["step"], ui.progress_rows["Cats"]["done"]))
-    assert shown == [("writing the draft", 0), ("waiting for the model (10 s)", 0),
-                     ("retrying the draft (attempt 2)", 0), ("cut off", 0), ("critique", 1), ("timed out", 1)]
-    assert "timed out" in ui.progress_table.value, "the table shows the latest"
+    assert shown == [("writing the draft", 0), ("waiting for the model (over 10 s)", 0),
+                     ("retrying the draft (attempt 2)", 0), ("the draft was cut off", 0), ("critique", 1),
+                     ("the critique timed out", 1),
+                     ("the critique failed after 4 attempts: Flyte retries the task", 1)]
+    assert "failed after 4 attempts" in ui.progress_table.value, "the table shows the latest"
     assert all(explorer.steps_done({"step": step}, 2) is None
-               for step in ("still-waiting", "retrying", "cut-off", "timed-out")), "not steps: the bar stays"
+               for step in ("still-waiting", "retrying", "cut-off", "timed-out", "gave-up")), "not steps: the bar stays"
+
+
+def test_a_reply_from_another_model_is_a_batch_message_not_a_topic_row():
+    ui = explorer.ReportExplorer(["Cats"])
+    ui._on_event({"topic": None, "step": "other-model", "reported": "llama-3-8b", "recorded": "qwen"})
+    assert None not in ui.progress_rows
+    assert ui.message.value == "The server answered as model llama-3-8b, not qwen (see summary.json)"

@@ -38,7 +38,7 @@ WRITER = "You are a report writer."
 
 
 def request(topic: str, system: str = WRITER, **extra: Any) -> dict[str, Any]:
-    return {"model": "m", "messages": [{"role": "system", "content": system},
+    return {"model": offline_llm.MODEL_VERSION, "messages": [{"role": "system", "content": system},
                                        {"role": "user", "content": f"Topic: {topic}\n\nWrite the report."}], **extra}
 
 
@@ -425,12 +425,78 @@ def test_a_server_that_lists_no_models_needs_report_model(api_key):
                                  "set REPORT_MODEL to the model's name.")
 
 
-def test_report_model_set_means_no_question_and_openais_api_means_its_default(api_key):
+def test_report_model_picks_one_of_several_and_openais_api_needs_no_listing(api_key):
     with offline_llm.OfflineServer(served_model=("a", "b")) as server, served_by(server, model="b"):
-        assert runtime.model_name == "b"  # no error: the server was not asked which one
-    with runtime.configured(backend="openai", base_url=None):
-        assert runtime.model_name == "gpt-4o-mini"
+        assert runtime.model_name == runtime.requested_model == "b" and runtime.model_note is None
+    for url in (None, "https://api.openai.com/v1/"):  # a trailing slash is still OpenAI's API: nothing asked
+        with runtime.configured(backend="openai", base_url=url):
+            assert check_backend() == runtime.model_name == "gpt-4o-mini"
     assert runtime.model_name == offline_llm.MODEL_VERSION
+
+
+def test_outside_a_batch_report_model_stands_when_the_server_cannot_be_asked(api_key, monkeypatch):
+    """A deploy prepares tasks for a server this machine may not reach, with a key only the cluster has; a batch
+    still checks the server."""
+    with runtime.configured(backend="openai", model="qwen2.5:1.5b", base_url="http://127.0.0.1:9/v1"):
+        assert runtime.model_name == "qwen2.5:1.5b"
+        with monkeypatch.context() as without_key, runtime.configured():
+            without_key.delenv("OPENAI_API_KEY")
+            assert runtime.model_name == "qwen2.5:1.5b"
+        with pytest.raises(BackendUnavailable, match="Cannot reach the model server at http://127.0.0.1:9/v1"):
+            check_backend(timeout=5)
+    with runtime.configured(backend="openai", base_url="http://127.0.0.1:9/v1"), \
+            pytest.raises(openai.APIConnectionError):
+        runtime.model_name  # noqa: B018 (no name to stand in for the server's)
+
+
+def test_the_one_model_served_is_recorded_even_when_report_model_names_another(api_key, capsys):
+    """llama.cpp answers every request with the model it serves, whatever the request names."""
+    with offline_llm.OfflineServer(served_model="qwen.gguf") as server, served_by(server, model="gpt-4o-mini"):
+        assert check_backend() == runtime.model_name == "qwen.gguf"
+        assert runtime.requested_model == "gpt-4o-mini", "requests still send the user's choice"
+        runtime.announce_backend()
+        runtime.start_batch()
+        asyncio.run(complete({**request("Cats"), "model": runtime.requested_model}, topic="Cats", step="draft"))
+        assert [r.model for r in server.received()] == ["gpt-4o-mini"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"Reports are written by the model qwen.gguf at {server.base_url} (OpenAI-compatible).",
+        "Note: REPORT_MODEL=gpt-4o-mini is not the model the server lists: it serves qwen.gguf whatever a request "
+        "names, so qwen.gguf is recorded as the model."]
+    assert runtime.reported_models() == [], "the reply names the model recorded"
+
+
+def test_a_reply_naming_another_model_is_noted_once_unless_it_is_a_dated_version(api_key):
+    events = []
+    with runtime.configured(backend="openai", base_url=None), runtime.listening(events.append):
+        runtime.start_batch()
+        for reported in ("gpt-4o-mini", "gpt-4o-mini-2024-07-18", None, "llama-3-8b", "mistral", "llama-3-8b"):
+            runtime.note_reported_model(reported)
+        assert runtime.reported_models() == ["llama-3-8b", "mistral"]
+        runtime.start_batch()
+        assert runtime.reported_models() == [], "counted per batch"
+    assert events == [{"topic": None, "step": "other-model", "reported": "llama-3-8b", "recorded": "gpt-4o-mini"}]
+
+
+class LoadingServer(offline_llm.OfflineServer):
+    """llama.cpp's server while it loads a model: HTTP 503 to everything."""
+
+    def handle(self, handler: Any, method: str, raw_body: bytes) -> None:
+        handler.reply(503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
+
+
+def test_a_5xx_to_the_model_list_is_a_clear_error_not_a_traceback(api_key):
+    with LoadingServer() as server, served_by(server, model="qwen"), pytest.raises(BackendUnavailable) as caught:
+        check_backend()
+    assert str(caught.value) == (f"The server at {server.base_url} answered HTTP 503 to GET /models: is it still "
+                                 "loading the model? Wait for it to finish (its log says when), then run again.")
+
+
+def test_a_server_with_many_models_is_named_with_the_first_ten_and_a_count(api_key):
+    names = tuple(f"model-{i:02}" for i in range(14))
+    with offline_llm.OfflineServer(served_model=names) as server, served_by(server), \
+            pytest.raises(BackendUnavailable) as caught:
+        check_backend()
+    assert f"serves 14 models ({', '.join(names[:10])} and 4 more): set REPORT_MODEL" in str(caught.value)
 
 
 def port_of(server: offline_llm.OfflineServer) -> int:
@@ -529,7 +595,10 @@ def test_retries_end_with_the_last_error_which_flyte_may_retry(quick_backoff):
         error, usage, events = run_listened(request("Cats"))
     assert isinstance(error, openai.InternalServerError) and "injected 503" in str(error)
     assert not isinstance(error, flyte.errors.NonRecoverableError), "a recoverable error: Flyte's task retry decides"
-    assert transport.attempts == 3 and (usage.requests, usage.retries) == (3, 2) and len(events) == 2
+    assert transport.attempts == 3 and (usage.requests, usage.retries) == (3, 2)
+    assert [event["step"] for event in events] == ["retrying", "retrying", "gave-up"]
+    assert events[-1] == {"topic": "Cats", "step": "gave-up", "call": "draft", "attempts": 3,
+                          "reason": "HTTP 503 from the server", "task_attempt": 0}, "giving up is said aloud"
 
 
 def test_a_400_is_not_retried():
@@ -551,7 +620,8 @@ def test_no_retry_starts_when_its_backoff_would_pass_the_deadline():
     transport = Failing(503)
     with runtime.use_transport(transport), runtime.configured(request_timeout=0.05):
         error, usage, events = run_listened(request("Cats"))
-    assert isinstance(error, openai.InternalServerError) and transport.attempts == 1 and events == []
+    assert isinstance(error, openai.InternalServerError) and transport.attempts == 1
+    assert [(event["step"], event["attempts"]) for event in events] == [("gave-up", 1)], "no retry, one give-up"
 
 
 def test_a_timeout_ends_the_call_with_a_message_that_says_what_to_change():
@@ -561,17 +631,52 @@ def test_a_timeout_ends_the_call_with_a_message_that_says_what_to_change():
     assert isinstance(error, model_client.ModelTimeout) and isinstance(error, flyte.errors.NonRecoverableError)
     assert describe_error(error) == (
         "ModelTimeout: Why cats purr: the draft got no reply within 120 s (REPORT_REQUEST_TIMEOUT=120). A model on a "
-        "CPU may need longer: raise REPORT_REQUEST_TIMEOUT, or lower REPORT_MAX_TOKENS_REPORT for shorter replies.")
+        "CPU may need longer: raise REPORT_REQUEST_TIMEOUT. (A lower REPORT_MAX_TOKENS_REPORT does not make the "
+        "model write less: it cuts its replies off.)")
     assert transport.attempts == 1, "the attempt used the whole deadline: no retry"
     assert events == [{"topic": "Why cats purr", "step": "timed-out", "call": "draft", "seconds": 120.0}]
     assert (usage.requests, usage.timed_out, usage.retries) == (1, 1, 0), "a failed call still counts"
+
+
+class SlowAndBusyAtFirst(offline_llm.OfflineTransport):
+    """A slow server, one request at a time: every request takes ``seconds``, and each body's first attempt then
+    gets an HTTP 503 (retry after 10 ms)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds, self.seen = seconds, set()
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        body = await request.aread()
+        await asyncio.sleep(self.seconds)
+        if body not in self.seen:
+            self.seen.add(body)
+            return httpx2.Response(503, headers={"retry-after-ms": "10"}, json={"error": {"message": "busy"}})
+        return await super().handle_async_request(request)
+
+
+def test_the_deadline_counts_the_servers_time_not_the_time_queued_in_the_pace(quick_backoff):
+    """REPORT_MAX_CONCURRENCY=1: the third call's first attempt waits 0.4 s for its turn, its retry longer; the
+    server takes 0.4 s over its two attempts, within REPORT_REQUEST_TIMEOUT=0.5. Counting the queue, it would
+    time out before its retry."""
+    async def three() -> list[Any]:
+        return await asyncio.gather(*(call(request(topic)) for topic in ("Cats", "Dogs", "Owls")),
+                                    return_exceptions=True)
+
+    with runtime.use_transport(SlowAndBusyAtFirst(0.2)), runtime.configured(max_concurrency=1, request_timeout=0.5):
+        started = time.monotonic()
+        replies = asyncio.run(three())
+        elapsed = time.monotonic() - started
+    assert replies == [offline_llm.write_draft(topic) for topic in ("Cats", "Dogs", "Owls")], replies
+    assert elapsed >= 1.2, "six attempts of 0.2 s, one at a time: the calls did queue"
 
 
 def test_the_timeout_message_names_the_steps_own_limit():
     with runtime.use_transport(Failing(httpx2.ReadTimeout)), runtime.configured(request_timeout=2.5):
         error, _, _ = run_listened(request("Cats", system=WRITER), step="summary")
     assert str(error).startswith("Cats: the summary got no reply within 2.5 s (REPORT_REQUEST_TIMEOUT=2.5).")
-    assert str(error).endswith("lower REPORT_MAX_TOKENS_SUMMARY for shorter replies.")
+    assert str(error).endswith("(A lower REPORT_MAX_TOKENS_SUMMARY does not make the model write less: it cuts "
+                               "its replies off.)")
 
 
 @pytest.mark.slow  # waits out a real timeout over HTTP
@@ -608,9 +713,48 @@ def test_a_reply_cut_at_its_limit_is_an_error_that_names_the_setting_and_is_neve
     assert (error.topic, error.step, error.limit, error.setting) == ("Cats", "draft", 20, "REPORT_MAX_TOKENS_REPORT")
     assert describe_error(error) == ('ReplyCutOff: Cats: the draft hit the reply limit of 20 tokens and was cut off '
                                      '(finish_reason "length"). Raise REPORT_MAX_TOKENS_REPORT for longer replies.')
-    assert events == [{"topic": "Cats", "step": "cut-off", "call": "draft", "limit": 20}]
+    assert events == [{"topic": "Cats", "step": "cut-off", "call": "draft", "limit": 20, "shorter": False}]
     assert (usage.requests, usage.cut_off, usage.completion_tokens) == (1, 1, 20)
-    assert isinstance(again, model_client.ReplyCutOff) and transport.count() == 2, "not answered from the cache"
+    assert isinstance(again, model_client.ReplyCutOff) and str(again) == str(error)
+    assert transport.count() == 1, "the cut-off is remembered, its text is not: a rerun sends nothing"
+
+
+def test_a_rerun_of_a_request_cut_off_before_goes_straight_to_the_shorter_one_without_any_request(tmp_path):
+    cut_first = CutFirstDraft()
+    body = request("Cats", max_tokens=1500)
+
+    def shorter_draft() -> tuple[str, Usage]:
+        async def go():
+            with metering() as meter:
+                return await complete(body, topic="Cats", step="draft", retry_shorter=True), meter.total
+        return asyncio.run(go())
+
+    with runtime.configured(reply_cache=tmp_path / "replies.sqlite3"), runtime.use_transport(cut_first):
+        first, spent = shorter_draft()
+        sent = runtime.requests_sent.value
+        again, reused = shorter_draft()
+        assert runtime.requests_sent.value == sent, "no request at all"
+    assert cut_first.drafts == 2 and (spent.requests, spent.cut_off) == (2, 1)
+    assert again == first and (reused.requests, reused.cache_hits) == (0, 2), "the marker, then the shorter reply"
+
+
+class CutFirstDraft(offline_llm.OfflineTransport):
+    """The offline model; a draft request without the shorter instruction is cut off at its limit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drafts = 0
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        body = json.loads(await request.aread())
+        self.drafts += 1
+        if "was cut off" in body["messages"][0]["content"]:
+            return await super().handle_async_request(request)
+        return httpx2.Response(200, json={
+            "id": "cut", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "# Cats\n\nCats are"},
+                         "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 50, "completion_tokens": body["max_tokens"], "total_tokens": 0}})
 
 
 def test_a_reply_cut_off_survives_pickling():

@@ -17,7 +17,6 @@ from pathlib import Path
 import flyte
 import httpx2
 import pytest
-from fault_server import FaultyServer
 from helpers import scripted_model, served_by
 
 import pipeline
@@ -385,7 +384,8 @@ def test_a_rerun_with_the_same_inputs_makes_no_calls(tmp_path):
 
 
 def test_a_changed_model_makes_new_calls(tmp_path, api_key):
-    with FaultyServer() as server, served_by(server, model="model-a"):
+    """A server listing several models: REPORT_MODEL picks the one that writes, and is recorded."""
+    with offline_llm.OfflineServer(served_model=("model-a", "model-b")) as server, served_by(server, model="model-a"):
         a = pipeline.run_batch(["Cats"], max_iterations=2, output_dir=tmp_path, run_id="a", flyte_cache=False)
         again = pipeline.run_batch(["Cats"], max_iterations=2, output_dir=tmp_path, run_id="a2", flyte_cache=False)
         with runtime.configured(model="model-b"):
@@ -393,6 +393,32 @@ def test_a_changed_model_makes_new_calls(tmp_path, api_key):
     assert again.llm_usage.requests == 0
     assert b.llm_usage.requests == a.llm_usage.requests > 0 and b.llm_usage.cache_hits == 0
     assert (a.model, b.model) == ("model-a", "model-b")
+    assert (a.reported_models, b.reported_models) == ([], ["model-a"]), "the stand-in answers as its first model"
+
+
+def test_a_model_swapped_behind_the_url_is_seen_by_the_next_batch_of_the_same_process(tmp_path, api_key, capsys):
+    """llama.cpp serves one model whatever REPORT_MODEL says: the one it lists writes, is recorded, and keys the
+    caches; a .gguf swapped between two batches of one kernel is a new model, served from neither cache."""
+    topics = ["Swapped in one process"]
+    with offline_llm.OfflineServer(served_model="model-a.gguf") as server, served_by(server, model="my-choice"):
+        first = pipeline.run_batch(topics, max_iterations=1, output_dir=tmp_path, run_id="a")
+        server.served_models = ("model-b.gguf",)  # the same server, the same URL, another model
+        second = pipeline.run_batch(topics, max_iterations=1, output_dir=tmp_path, run_id="b")
+        sent = server.received()
+    assert (first.model, second.model) == ("model-a.gguf", "model-b.gguf")
+    assert {r.result.model for r in second.reports} == {"model-b.gguf"}
+    assert json.loads(second.summary_path.read_text(encoding="utf-8"))["model"] == "model-b.gguf"
+    assert "· model-b.gguf ·" in second.index_path.read_text(encoding="utf-8")
+    assert second.cached_topics == [], "not served by Flyte's task cache"
+    assert second.llm_usage.cache_hits == 0 and second.llm_usage.requests == first.llm_usage.requests > 0, \
+        "nor by the reply cache"
+    assert {r.model for r in sent} == {"my-choice"}, "requests send REPORT_MODEL, the user's choice"
+    assert (first.reported_models, second.reported_models) == ([], [])
+    out = capsys.readouterr().out
+    for name in ("model-a.gguf", "model-b.gguf"):
+        assert f"Reports are written by the model {name} at {server.base_url} (OpenAI-compatible)." in out
+        assert (f"Note: REPORT_MODEL=my-choice is not the model the server lists: it serves {name} whatever a "
+                f"request names, so {name} is recorded as the model.") in out
 
 
 # ----------------------------------------------------------------------------------------- waits on the console

@@ -297,7 +297,8 @@ def test_a_text_cut_off_is_asked_once_more_for_a_shorter_one(step):
     limit = first["max_tokens"]
     assert first["messages"][0]["content"] == system
     assert second["messages"][0]["content"] == (
-        f"{system}\nYour last reply was cut off at {limit} tokens: keep this one under {limit // 2} words.")
+        f"{system}\nYour previous reply was cut off at the limit of {limit} tokens. This time the whole reply must "
+        f"fit in {limit} tokens: at most {limit // 2} words, fewer than asked above if need be.")
     assert second["messages"][1:] == first["messages"][1:] and second["max_tokens"] == limit
     assert len(text) > 40, "the second, whole reply"
 
@@ -310,5 +311,6 @@ def test_a_text_cut_off_twice_ends_the_topic_naming_the_setting(step):
         asyncio.run(run())
     limit = runtime.settings.reply_limit(step)
     assert str(caught.value) == (f'Cats: the {step} hit the reply limit of {limit} tokens and was cut off '
-                                 f'(finish_reason "length"). Raise {setting} for longer replies.')
+                                 f'(finish_reason "length"), even though a shorter reply was asked for. '
+                                 f'Raise {setting} for longer replies.')
     assert transport.count(role) == 2, "one shorter retry, no more"

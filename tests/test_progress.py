@@ -16,12 +16,22 @@ NOTABLE = [
      "  Cats: the revision got no reply within 120 s (REPORT_REQUEST_TIMEOUT)"),
     ({"topic": "Cats", "step": "cut-off", "call": "summary", "limit": 400},
      "  Cats: the summary was cut off at the reply limit of 400 tokens"),
+    ({"topic": "Cats", "step": "cut-off", "call": "summary", "limit": 400, "shorter": True},
+     "  Cats: the summary was cut off at the reply limit of 400 tokens, even the shorter retry"),
+    ({"topic": "Cats", "step": "gave-up", "call": "draft", "attempts": 4, "reason": "HTTP 500 from the server",
+      "task_attempt": 0},
+     "  Cats: the draft failed after 4 attempt(s) (HTTP 500 from the server); Flyte retries the task"),
+    ({"topic": "Cats", "step": "gave-up", "call": "draft", "attempts": 4, "reason": "an empty reply",
+      "task_attempt": 1},
+     "  Cats: the draft failed after 4 attempt(s) (an empty reply); Flyte retries the task (its attempt 2)"),
+    ({"topic": None, "step": "other-model", "reported": "llama-3-8b", "recorded": "qwen"},
+     "  the server answered as model llama-3-8b, not qwen (summary.json lists it under reported_models)"),
     ({"topic": None, "step": "rate-limited", "seconds": 2.0, "reason": "HTTP 429 from the server, retry after 2.0 s"},
      "  rate limit: new requests wait 2.0 s (HTTP 429 from the server, retry after 2.0 s)"),
 ]
 
 
-@pytest.mark.parametrize(("event", "line"), NOTABLE, ids=[event["step"] for event, _ in NOTABLE])
+@pytest.mark.parametrize(("event", "line"), NOTABLE, ids=[f"{e['step']}-{i}" for i, (e, _) in enumerate(NOTABLE)])
 def test_each_notable_event_is_one_line(event, line, capsys):
     assert notable_line(event) == line
     print_notable(event)

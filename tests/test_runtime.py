@@ -314,6 +314,7 @@ def test_a_batch_reports_every_step_to_its_listener(tmp_path):
 
 def test_the_backend_is_announced_once_and_never_shows_the_key(capsys, api_key):
     fresh = Runtime(Settings(backend="openai", base_url="http://127.0.0.1:1/v1", model="gpt-4o-mini"))
+    fresh._model = "gpt-4o-mini"  # as check_backend would have named it: nothing listens at port 1
     fresh.announce_backend()
     fresh.announce_backend()
     out = capsys.readouterr().out
