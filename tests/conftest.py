@@ -128,3 +128,24 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
     fresh_cache = Path(tempfile.mkdtemp(prefix="reply-cache-", dir=SCRATCH)) / "replies.sqlite3"
     defaults = {"REPORT_REPLY_CACHE": str(fresh_cache), "REPORTS_DIR": os.environ["REPORTS_DIR"]}
     return scratch_environment(ROOT, **{**defaults, **overrides})
+
+
+# The browser tests' Chromium (test_browser.py, test_app_browser.py): Debian's, installed by tools/system_deps.sh.
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+SCREENSHOTS = ROOT / "build" / "screenshots"
+CHROMIUM_ARGS = ["--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through Playwright; a missing browser fails the test, it never skips it."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium is not installed at {CHROMIUM}: run `apt-get install chromium` (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

@@ -23,26 +23,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import SCREENSHOTS
 from hostile import HOSTILE_TOPIC, HostileServer
 from scratch_project import make_scratch_project, scratch_environment
-from test_browser import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS, WatchedPage
+from test_browser import WatchedPage
 
 from machinery import app_serving
 
 pytestmark = pytest.mark.slow  # a browser, and the app's server
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium is not installed at {CHROMIUM}: run `apt-get install chromium` (.ci/run does)")
-    from playwright.sync_api import sync_playwright
-
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture(scope="module")

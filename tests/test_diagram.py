@@ -7,9 +7,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, SCREENSHOTS
 from pipeline_diagram import BEGIN, END, mermaid, readme_block
-from test_browser import SCREENSHOTS, WatchedPage, browser, lab  # noqa: F401  (the browser and JupyterLab fixtures)
+from test_browser import WatchedPage, lab  # noqa: F401  (the JupyterLab fixture)
 
 PIPELINE = (ROOT / "pipeline.py").read_text(encoding="utf-8")
 README = ROOT / "README.md"
