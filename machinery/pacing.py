@@ -17,12 +17,17 @@ real one, the in-process offline model or a test double.
   A 503 is passed on to the client (its retries, and the task's, decide as for any 5xx).
 * **Pre-emptive pauses.** Replies carrying ``x-ratelimit-remaining-requests`` (or ``-tokens``) and
   ``x-ratelimit-reset-requests`` (``-tokens``; ``1s``, ``6m0s``, ``59.5ms``) tell what is left of the
-  server's budget. What remains, less what was sent after that request (the server had counted the
-  ones before it already), is what may still go; below one request's worth, new requests pause. With
-  ``x-ratelimit-limit-*`` (per minute, as OpenAI sends it) the pace keeps a copy of the server's
-  bucket (``_Bucket``: it refills at limit/60 per second up to the size the reset implies), so a spent
-  budget spaces requests at the server's rate instead of bursting into 429s; without a limit, new
-  requests pause until the reset. Only the latest-sent reply's numbers count.
+  server's budget. What remains, less what was sent after that request, is what may still go; below
+  one request's worth, new requests pause. With ``x-ratelimit-limit-*`` (per minute, as OpenAI sends
+  it) the pace keeps a copy of the server's bucket (``_Bucket``: it refills at limit/60 per second up
+  to the size the reset implies), so a spent budget spaces requests at the server's rate instead of
+  bursting into 429s. The copy also takes off what was still in flight when that request was sent:
+  requests sent together overtake one another on the way, so the server may have counted them after
+  it (measured: of four sent at once, the last one was counted first). That costs at most a few
+  requests' worth of spacing, and a reply to an earlier request that proves more room gives it back.
+  Without a limit, new requests pause until the reset, which is too long a wait to spend on such
+  doubts: there, the requests sent before are taken as counted. Otherwise the latest-sent reply's
+  numbers count.
 * **Patience.** A 429 means *wait*, as long as the server keeps making progress: the pace gives up
   only when no request has succeeded for ``rate_limit_patience`` seconds (``REPORT_RATE_LIMIT_PATIENCE``),
   counted from the batch's start or its last successful reply, or when the server names a wait that
@@ -195,6 +200,7 @@ class Pace:
         self._pause_announced = False
         self._backoffs = 0  # 429s naming no time since the last success, for the backoff
         self._sent = {"requests": 0, "tokens": 0}  # attempts dispatched, and their estimated tokens
+        self._unanswered = {"requests": 0, "tokens": 0}  # of those, the ones whose reply has not come yet
         self._freshest = -1  # the latest-sent attempt whose reply told us a budget
         self._budgets: dict[str, Budget] = {}  # the last x-ratelimit-* budgets seen
         self._buckets: dict[str, _Bucket] = {}  # our copy of the server's budgets, when it names its limit
@@ -255,6 +261,8 @@ class Pace:
             except BaseException:
                 done()
                 raise
+            finally:
+                self._answered(tokens)
             try:
                 if response.status_code == 429:
                     again = await self._rate_limited(response, attempt)  # reads (and closes) the reply
@@ -291,9 +299,11 @@ class Pace:
                     if short is None:
                         for kind, bucket in self._buckets.items():
                             bucket.take(cost[kind], now)
-                        self._sent["requests"] += 1
-                        self._sent["tokens"] += tokens
-                        return _Attempt(self._episode, self._sent["requests"], self._sent["tokens"])
+                        in_flight = dict(self._unanswered)
+                        for kind, spent in (("requests", 1), ("tokens", tokens)):
+                            self._sent[kind] += spent
+                            self._unanswered[kind] += spent
+                        return _Attempt(self._episode, self._sent["requests"], self._sent["tokens"], in_flight)
             self.limit.release()
             if short is not None and not self._pause(*short, floor=0.0):  # spacing: a fast server's gaps are ms
                 heed_budget = False  # past patience: let the server's answer decide
@@ -331,6 +341,12 @@ class Pace:
                         self._held_total += self.clock() - self._held_since
 
     # ------------------------------------------------------------------ what the answers change
+
+    def _answered(self, tokens: int) -> None:
+        """An attempt's reply has come (or it failed): the server has counted it, if it ever will."""
+        with self._lock:
+            self._unanswered["requests"] -= 1
+            self._unanswered["tokens"] -= tokens
 
     # The window changes under the pace's lock, and the limit with it (the limit's own lock is only ever
     # taken inside the pace's, never the other way round), so two answers cannot apply out of order.
@@ -386,10 +402,10 @@ class Pace:
             return
         pauses = []
         with self._lock:
-            if attempt.requests_mark < self._freshest:
-                return  # a later request's reply has told us more recent numbers
-            self._freshest = attempt.requests_mark
-            self._budgets.update(budgets)
+            fresh = attempt.requests_mark > self._freshest  # else a later request's reply has told us more
+            if fresh:
+                self._freshest = attempt.requests_mark
+                self._budgets.update(budgets)
             if response.status_code == 429:
                 return  # its retry-after rules; and a 429'd request took nothing from the budget
             now = self.clock()
@@ -403,7 +419,14 @@ class Pace:
                     continue
                 left = budget.remaining - sent_since[kind]
                 if budget.limit and budget.reset is not None:  # a bucket we can copy: _admit spaces requests
-                    self._buckets[kind] = _Bucket.copy(budget, left, now)
+                    # What was in flight when this attempt went out may have reached the server after it.
+                    bucket = _Bucket.copy(budget, left - attempt.in_flight[kind], now)
+                    if fresh or kind not in self._buckets:
+                        self._buckets[kind] = bucket
+                    else:  # an older reply, also a lower bound: it can only show more room
+                        self._buckets[kind].raise_to(bucket, now)
+                elif not fresh:
+                    continue
                 elif budget.reset and left < need[kind]:
                     pauses.append((budget.reset, f"the server's {kind} budget is used up (x-ratelimit-remaining-"
                                                  f"{kind}: {budget.remaining}) until it resets "
@@ -510,14 +533,20 @@ class _Bucket:
     def take(self, cost: float, now: float) -> None:
         self.level, self.at = self._now(now) - cost, now
 
+    def raise_to(self, other: _Bucket, now: float) -> None:
+        """The higher of two lower bounds on the server's level now; this copy keeps its size and rate."""
+        self.level, self.at = max(self._now(now), other._now(now)), now
+
 
 @dataclasses.dataclass(frozen=True)
 class _Attempt:
-    """One HTTP attempt: the episode it was sent in, and what had been sent up to it (itself included)."""
+    """One HTTP attempt: the episode it was sent in, what had been sent up to it (itself included), and
+    what was in flight when it went out (requests and tokens)."""
 
     episode: int
     requests_mark: int
     tokens_mark: int
+    in_flight: dict[str, int]
 
 
 class _Once:

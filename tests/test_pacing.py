@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from machinery import pacing
+from machinery import offline_llm, pacing
 from machinery.pacing import Budget, Pace, PacedHttpClient, PacedTransport, PaceStats, parse_duration, parse_retry_after
 
 Answer = Callable[[int, httpx2.Request], "httpx2.Response | Exception"]
@@ -382,6 +383,64 @@ def test_requests_sent_before_a_reply_are_already_in_its_remainder():
     asyncio.run(scenario())
     assert pace.stats().pauses == 0 and time.monotonic() - started < 5  # no 10 s / 1 s wait for a reset
     assert pace._budgets["requests"].remaining == 1, "the older replies' 9 did not replace the fresher 1"
+
+
+class BucketServer(Server):
+    """A server with a real budget (offline_llm's token bucket) that sends OpenAI's x-ratelimit-* headers.
+    ``delays`` maps a request's body to (seconds before the budget counts it, seconds after, before its
+    reply): requests sent at the same moment can overtake one another on the way, and come back in any order."""
+
+    def __init__(self, per_minute: int, burst: int, delays: dict[bytes, tuple[float, float]]) -> None:
+        self.per_minute, self.delays = per_minute, delays
+        self.bucket = offline_llm.TokenBucket(rate=per_minute / 60, capacity=burst)
+        super().__init__(self.take)
+
+    async def take(self, n: int, request: httpx2.Request) -> httpx2.Response:
+        before, after = self.delays.get(request.content, (0.0, 0.0))
+        await asyncio.sleep(before)
+        admission = self.bucket.take()
+        await asyncio.sleep(after)
+        headers = {"x-ratelimit-limit-requests": str(self.per_minute),
+                   "x-ratelimit-remaining-requests": str(admission.remaining),
+                   "x-ratelimit-reset-requests": offline_llm.format_duration(admission.reset)}
+        if not admission.allowed:
+            return too_many({**headers, "retry-after-ms": str(math.ceil(admission.retry_after * 1000))})
+        return ok(headers)
+
+
+def test_requests_in_flight_when_one_was_sent_may_reach_the_server_after_it():
+    """Four sent at once, the last one counted first (4 of 5 left) and answered first: the three in flight
+    when it was sent may not be in its remainder (here they are not), so 1 is left, not 4."""
+    late = (0.02, 0.0)
+    server = BucketServer(600, burst=5, delays={b"request 0": late, b"request 1": late, b"request 2": late})
+    pace = Pace(ceiling=8, patience=30)
+
+    async def scenario():
+        await send(pace, server, *bodies(4))
+        await send(pace, server, *bodies(4, "later"))
+
+    asyncio.run(scenario())
+    assert pace.stats().rate_limited == 0, "the four later ones were spaced, not sent into a spent budget"
+
+
+def test_a_reply_older_than_the_freshest_can_show_more_room():
+    """Three sent at once (60 a minute, a burst of 5): the last one is counted last but answered first, so
+    its reply (2 left, two in flight when it was sent) can only promise 0. The first one's reply, later,
+    says 4 were left when it was counted: less the two sent after it, room for 2, so the next goes at once
+    instead of waiting a second for the budget to refill."""
+    slow_reply = (0.0, 0.05)
+    server = BucketServer(60, burst=5, delays={b"request 0": slow_reply, b"request 1": slow_reply,
+                                               b"request 2": (0.01, 0.0)})
+    pace = Pace(ceiling=8, patience=30)
+
+    async def scenario():
+        await send(pace, server, *bodies(3))
+        started = time.monotonic()
+        await send(pace, server, b"later")
+        return time.monotonic() - started
+
+    waited = asyncio.run(scenario())
+    assert pace.stats().rate_limited == 0 and waited < 0.5, waited
 
 
 # ----------------------------------------------------------------------------------------- patience
