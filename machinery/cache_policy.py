@@ -4,7 +4,8 @@ Flyte's default policy hashes only the task function's own source, so editing
 a prompt, a traced step, a formatter or the model name would silently return
 old reports from the cache. ``CodeAndModelPolicy`` hashes the whole module that
 defines the task (any edit to ``pipeline.py`` is a new key) and the settings
-that pick the model: backend, model, server and the offline model's version.
+that change what the model writes: backend, model, server, the offline model's
+version and the reply limits (``max_tokens`` of each step).
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ def code_and_model(source_file: str | None) -> str:
     """A digest of ``source_file`` and of the model in force: what a cached result depends on."""
     settings = runtime.settings
     # runtime.model_name: the model really served, so a new model behind the same URL is a new key.
-    return _digest(source_file, settings.backend, runtime.model_name, settings.base_url or "")
+    limits = (settings.max_tokens_report, settings.max_tokens_critique, settings.max_tokens_summary)
+    return _digest(source_file, settings.backend, runtime.model_name, settings.base_url or "", limits)
 
 
 @functools.cache  # asked for on every cache lookup; files and settings are few
-def _digest(source_file: str | None, backend: str, model: str, base_url: str) -> str:
+def _digest(source_file: str | None, backend: str, model: str, base_url: str, limits: tuple[int, ...]) -> str:
     source = _read(source_file)
-    parts = [source, backend, model, base_url, offline_llm.MODEL_VERSION]
+    parts = [source, backend, model, base_url, offline_llm.MODEL_VERSION, *map(str, limits)]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 

@@ -169,6 +169,10 @@ class Settings:
             env["REPORT_MODEL"] = self.model_name
         if self.base_url:
             env["OPENAI_BASE_URL"] = self.base_url
+        # A reply limit changes what the model writes, and the cache key: the container must use the same one.
+        for field, variable in dict(REPLY_LIMITS.values()).items():
+            if getattr(self, field) != getattr(Settings, field):
+                env[variable] = str(getattr(self, field))
         return env
 
 

@@ -52,6 +52,15 @@ def test_the_key_covers_the_model(tmp_path, monkeypatch, api_key):
     assert len(keys) == 5
 
 
+@pytest.mark.parametrize("limit", ["max_tokens_report", "max_tokens_critique", "max_tokens_summary"])
+def test_the_key_covers_the_reply_limits(tmp_path, limit):
+    """A reply limit changes what a model writes (a report cut short, a shorter retry): a new key."""
+    source = module_file(tmp_path, "m.py", "x = 1\n")
+    before = code_and_model(source)
+    with runtime.configured(**{limit: getattr(runtime.settings, limit) + 1}):
+        assert code_and_model(source) != before
+
+
 def test_settings_that_do_not_change_replies_keep_the_key(tmp_path):
     source = module_file(tmp_path, "m.py", "x = 1\n")
     before = code_and_model(source)

@@ -148,6 +148,15 @@ def test_task_env_vars_carry_the_model_and_never_the_key_or_a_local_path():
                                       "REPORT_REPLY_CACHE": "off", "OPENAI_BASE_URL": "http://10.0.0.5:8000/v1"}
 
 
+def test_task_env_vars_carry_reply_limits_that_differ_from_the_defaults():
+    """A reply limit changes what the model writes and the cache key: a container must write with the same one."""
+    assert not any(name.startswith("REPORT_MAX_TOKENS") for name in Settings().task_env_vars())
+    raised = Settings.from_env({"REPORT_MAX_TOKENS_REPORT": "3000", "REPORT_MAX_TOKENS_SUMMARY": "400"})
+    shipped = {name: value for name, value in raised.task_env_vars().items() if name.startswith("REPORT_MAX_TOKENS")}
+    assert shipped == {"REPORT_MAX_TOKENS_REPORT": "3000"}, "the summary's limit is the default: nothing to ship"
+    assert Settings.from_env(raised.task_env_vars()).reply_limit("draft") == 3000, "the container reads it back"
+
+
 def test_the_key_never_appears_in_what_settings_show(monkeypatch):
     """The key is read from the environment by the client, never stored in Settings: nothing can show it."""
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
