@@ -21,13 +21,14 @@ real one, the in-process offline model or a test double.
   one request's worth, new requests pause. With ``x-ratelimit-limit-*`` (per minute, as OpenAI sends
   it) the pace keeps a copy of the server's bucket (``_Bucket``: it refills at limit/60 per second up
   to the size the reset implies), so a spent budget spaces requests at the server's rate instead of
-  bursting into 429s. The copy also takes off what was still in flight when that request was sent:
-  requests sent together overtake one another on the way, so the server may have counted them after
-  it (measured: of four sent at once, the last one was counted first). That costs at most a few
-  requests' worth of spacing, and a reply to an earlier request that proves more room gives it back.
-  Without a limit, new requests pause until the reset, which is too long a wait to spend on such
-  doubts: there, the requests sent before are taken as counted. Otherwise the latest-sent reply's
-  numbers count.
+  bursting into 429s. Requests sent together overtake one another on the way (measured: of four sent
+  at once, the last one was counted first), so a reply's remainder may not count the requests sent up
+  to ``OVERTAKING_SECONDS`` before it and still unanswered then: a reply sets the copy between what
+  it says and that less those, keeping the copy's own level if it lies between (the copy took every
+  request as it went out). A reply to an earlier request that shows more room for requests raises
+  it (not for tokens: what was sent since is only our estimate). Without a limit, new requests pause
+  until the reset, too long a wait to spend on such doubts: there, the requests sent before a reply
+  are taken as counted. Otherwise the latest-sent reply's numbers count.
 * **Patience.** A 429 means *wait*, as long as the server keeps making progress: the pace gives up
   only when no request has succeeded for ``rate_limit_patience`` seconds (``REPORT_RATE_LIMIT_PATIENCE``),
   counted from the batch's start or its last successful reply, or when the server names a wait that
@@ -69,6 +70,9 @@ ANNOUNCE_PAUSES_OVER = 1.0  # seconds; shorter pauses are routine and not worth 
 MIN_PAUSE = 0.01  # seconds; a server that says "retry after 0" must not be asked again in a hot loop
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0  # seconds, for a 429 that names no time
 CHARS_PER_TOKEN = 4  # a rough estimate of a request's tokens, for pre-emptive pacing by tokens
+# Requests sent this close together may reach the server in either order (one waits for a new connection, the
+# other has one): about the time to open a connection (TCP and TLS, two round trips) to a distant server.
+OVERTAKING_SECONDS = 0.25
 MARK = "x-report-pace"  # response header: "gave-up" or "quota" on a 429 handed back to the client
 
 PauseListener = Callable[[float, str], None]
@@ -200,7 +204,7 @@ class Pace:
         self._pause_announced = False
         self._backoffs = 0  # 429s naming no time since the last success, for the backoff
         self._sent = {"requests": 0, "tokens": 0}  # attempts dispatched, and their estimated tokens
-        self._unanswered = {"requests": 0, "tokens": 0}  # of those, the ones whose reply has not come yet
+        self._unanswered: dict[int, tuple[float, int]] = {}  # attempts with no reply yet: mark -> (sent, tokens)
         self._freshest = -1  # the latest-sent attempt whose reply told us a budget
         self._budgets: dict[str, Budget] = {}  # the last x-ratelimit-* budgets seen
         self._buckets: dict[str, _Bucket] = {}  # our copy of the server's budgets, when it names its limit
@@ -262,7 +266,7 @@ class Pace:
                 done()
                 raise
             finally:
-                self._answered(tokens)
+                self._answered(attempt)
             try:
                 if response.status_code == 429:
                     again = await self._rate_limited(response, attempt)  # reads (and closes) the reply
@@ -292,21 +296,30 @@ class Pace:
             await self._wait_out_pause()
             await self.limit.__aenter__()
             short: tuple[float, str] | None = None
-            with self._lock:
-                now = self.clock()
-                if self._paused_until <= now:  # else a pause began while we waited for the slot
-                    short = self._shortfall(cost, now) if heed_budget else None
-                    if short is None:
-                        for kind, bucket in self._buckets.items():
-                            bucket.take(cost[kind], now)
-                        in_flight = dict(self._unanswered)
-                        for kind, spent in (("requests", 1), ("tokens", tokens)):
-                            self._sent[kind] += spent
-                            self._unanswered[kind] += spent
-                        return _Attempt(self._episode, self._sent["requests"], self._sent["tokens"], in_flight)
+            try:
+                with self._lock:
+                    now = self.clock()
+                    if self._paused_until <= now:  # else a pause began while we waited for the slot
+                        short = self._shortfall(cost, now) if heed_budget else None
+                        if short is None:
+                            return self._dispatch(cost, tokens, now)
+            except BaseException:
+                self.limit.release()
+                raise
             self.limit.release()
             if short is not None and not self._pause(*short, floor=0.0):  # spacing: a fast server's gaps are ms
                 heed_budget = False  # past patience: let the server's answer decide
+
+    def _dispatch(self, cost: dict[str, float], tokens: int, now: float) -> _Attempt:
+        """Count an attempt as sent now: from our copy of the budget, and in what is sent and unanswered."""
+        for kind, bucket in self._buckets.items():
+            bucket.take(cost[kind], now)
+        close = [spent for sent, spent in self._unanswered.values() if now - sent <= OVERTAKING_SECONDS]
+        self._sent["requests"] += 1
+        self._sent["tokens"] += tokens
+        mark = self._sent["requests"]
+        self._unanswered[mark] = (now, tokens)
+        return _Attempt(self._episode, mark, self._sent["tokens"], {"requests": len(close), "tokens": sum(close)})
 
     def _shortfall(self, cost: dict[str, float], now: float) -> tuple[float, str] | None:
         """Seconds until the server's budget (as we copy it) has room for ``cost``, and why; None: it has."""
@@ -342,11 +355,10 @@ class Pace:
 
     # ------------------------------------------------------------------ what the answers change
 
-    def _answered(self, tokens: int) -> None:
+    def _answered(self, attempt: _Attempt) -> None:
         """An attempt's reply has come (or it failed): the server has counted it, if it ever will."""
         with self._lock:
-            self._unanswered["requests"] -= 1
-            self._unanswered["tokens"] -= tokens
+            del self._unanswered[attempt.requests_mark]
 
     # The window changes under the pace's lock, and the limit with it (the limit's own lock is only ever
     # taken inside the pace's, never the other way round), so two answers cannot apply out of order.
@@ -409,7 +421,7 @@ class Pace:
             if response.status_code == 429:
                 return  # its retry-after rules; and a 429'd request took nothing from the budget
             now = self.clock()
-            # What was sent after this attempt: the server had not counted it in this reply's remainder.
+            # What was sent after this attempt: the server may not have counted it in this reply's remainder.
             sent_since = {"requests": self._sent["requests"] - attempt.requests_mark,
                           "tokens": self._sent["tokens"] - attempt.tokens_mark}
             # What the next request needs: one request, and about as many tokens as requests so far took.
@@ -419,12 +431,17 @@ class Pace:
                     continue
                 left = budget.remaining - sent_since[kind]
                 if budget.limit and budget.reset is not None:  # a bucket we can copy: _admit spaces requests
-                    # What was in flight when this attempt went out may have reached the server after it.
-                    bucket = _Bucket.copy(budget, left - attempt.in_flight[kind], now)
-                    if fresh or kind not in self._buckets:
-                        self._buckets[kind] = bucket
-                    else:  # an older reply, also a lower bound: it can only show more room
-                        self._buckets[kind].raise_to(bucket, now)
+                    # At most `left` remain; at least `left` less what was sent shortly before this attempt and
+                    # still in flight (it may have reached the server after this one).
+                    at_least = left - attempt.in_flight[kind]
+                    held = self._buckets.get(kind)
+                    if fresh:  # between the two, what the copy holds: it took every request as it went out
+                        level = at_least if held is None else min(left, max(held.level_at(now), at_least))
+                        self._buckets[kind] = _Bucket.copy(budget, level, now)
+                    elif kind == "requests" and held is not None:
+                        # An older reply is a lower bound too, so it can only show more room; not for tokens,
+                        # where what was sent since is our estimate and the server counted its own.
+                        held.raise_to(at_least, now)
                 elif not fresh:
                     continue
                 elif budget.reset and left < need[kind]:
@@ -523,25 +540,25 @@ class _Bucket:
         size = max(1.0, budget.remaining + rate * budget.reset)  # type: ignore[operator]
         return cls(level=left, size=size, rate=rate, at=now)
 
-    def _now(self, now: float) -> float:
+    def level_at(self, now: float) -> float:
         return min(self.size, self.level + self.rate * max(0.0, now - self.at))
 
     def wait(self, cost: float, now: float) -> float:
         """Seconds until ``cost`` fits (a cost larger than the bucket waits only for a full one)."""
-        return max(0.0, (min(cost, self.size) - self._now(now)) / self.rate)
+        return max(0.0, (min(cost, self.size) - self.level_at(now)) / self.rate)
 
     def take(self, cost: float, now: float) -> None:
-        self.level, self.at = self._now(now) - cost, now
+        self.level, self.at = self.level_at(now) - cost, now
 
-    def raise_to(self, other: _Bucket, now: float) -> None:
-        """The higher of two lower bounds on the server's level now; this copy keeps its size and rate."""
-        self.level, self.at = max(self._now(now), other._now(now)), now
+    def raise_to(self, level: float, now: float) -> None:
+        """The higher of two lower bounds on the server's level now: this copy's, and ``level``."""
+        self.level, self.at = max(self.level_at(now), level), now
 
 
 @dataclasses.dataclass(frozen=True)
 class _Attempt:
     """One HTTP attempt: the episode it was sent in, what had been sent up to it (itself included), and
-    what was in flight when it went out (requests and tokens)."""
+    what was sent shortly before it and still in flight when it went out (requests and tokens)."""
 
     episode: int
     requests_mark: int

@@ -443,6 +443,93 @@ def test_a_reply_older_than_the_freshest_can_show_more_room():
     assert pace.stats().rate_limited == 0 and waited < 0.5, waited
 
 
+
+class InOrder(dict):
+    """Every request's delays: counted at once, answered ``seconds`` later (replies come back in send order)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def get(self, key, default=None):
+        return (0.0, self.seconds)
+
+
+def test_replies_in_send_order_use_the_whole_budget():
+    """600 a minute, a burst of 10, eight at a time, replies after 0.2 s in send order: each reply was sent while
+    others were in flight, but the copy took those as they went out, so no room is held back for them. The server
+    has about two left whenever the pace sends (one per 0.1 s; less is a 429, more is throughput lost)."""
+    server = BucketServer(600, burst=10, delays=InOrder(0.2))
+    left_when_counted = []
+    take = server.bucket.take
+
+    def counted():
+        admission = take()
+        left_when_counted.append(admission.remaining)
+        return admission
+
+    server.bucket.take = counted
+    pace = Pace(ceiling=8, patience=30)
+    asyncio.run(send(pace, server, *bodies(40)))
+    later = left_when_counted[10:]  # after the burst
+    assert pace.stats().rate_limited == 0 and sum(later) / len(later) <= 3, later
+
+
+def test_an_older_reply_naming_a_budget_the_freshest_did_not_changes_nothing():
+    """The first one sent, answered last, names a tokens budget; the freshest named only requests. No copy of
+    the tokens budget comes of it (nothing would say what it is), and every request goes out."""
+    both = {"x-ratelimit-limit-tokens": "600", "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6s",
+            "x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "100",
+            "x-ratelimit-reset-requests": "1s"}
+
+    async def answer(n, request):
+        if request.content == b"request 0":
+            await asyncio.sleep(0.05)
+            return ok(both)
+        return ok({name: value for name, value in both.items() if name.endswith("-requests")})
+
+    pace = Pace(ceiling=4, patience=30)
+
+    async def scenario():
+        await send(pace, Server(answer), *bodies(2))
+        return await asyncio.wait_for(send(pace, Server(answer), *bodies(4, "later")), 5)
+
+    assert [r.status_code for r in asyncio.run(scenario())] == [200] * 4
+    assert sorted(pace._buckets) == sorted(pace._budgets) == ["requests"] and pace.limit.in_flight == 0
+
+
+def test_an_older_reply_gives_back_no_tokens():
+    """A server that counts more tokens than the pace estimates (say, the reply's max_tokens): the older reply's
+    remainder, less our estimates of what was sent since, would promise room the freshest reply says is gone."""
+    def body(i: int, prefix: str = "request") -> bytes:
+        return f"{prefix} {i} ".ljust(400, "x").encode()  # 100 estimated tokens
+
+    bucket = offline_llm.TokenBucket(rate=10.0, capacity=4000)  # 600 tokens a minute
+
+    async def answer(n, request):
+        with bucket._lock:  # a cost of 1,000: the estimate and 900 more
+            bucket._refill()
+            allowed = bucket._tokens >= 1000
+            bucket._tokens -= 1000 * allowed
+            remaining = int(bucket._tokens)
+        if request.content.startswith(b"request"):  # counted in send order; the first one answered last
+            await asyncio.sleep(0.1 if request.content == body(0) else 0.01)
+        headers = {"x-ratelimit-limit-tokens": "600", "x-ratelimit-remaining-tokens": str(remaining),
+                   "x-ratelimit-reset-tokens": offline_llm.format_duration((4000 - remaining) / 10)}
+        return ok(headers) if allowed else too_many({**headers, "retry-after-ms": "50"})
+
+    pace = Pace(ceiling=8, patience=300)
+    server = Server(answer)
+
+    async def scenario():
+        await send(pace, server, *[body(i) for i in range(4)])
+        later = asyncio.ensure_future(send(pace, server, body(0, "later")))
+        await asyncio.sleep(0.3)
+        later.cancel()
+
+    asyncio.run(scenario())
+    assert len(server.arrivals) == 4 and pace.stats().rate_limited == 0, "the next one waits for the budget"
+
 # ----------------------------------------------------------------------------------------- patience
 
 
