@@ -17,6 +17,7 @@ from typing import Any
 
 from machinery import offline_llm
 from machinery.runtime import runtime
+from machinery.settings import REPLY_LIMIT_SETTINGS
 
 
 class CodeAndModelPolicy:
@@ -35,7 +36,7 @@ def code_and_model(source_file: str | None) -> str:
     """A digest of ``source_file`` and of the model in force: what a cached result depends on."""
     settings = runtime.settings
     # runtime.model_name: the model really served, so a new model behind the same URL is a new key.
-    limits = (settings.max_tokens_report, settings.max_tokens_critique, settings.max_tokens_summary)
+    limits = tuple(getattr(settings, field) for field in REPLY_LIMIT_SETTINGS)
     return _digest(source_file, settings.backend, runtime.model_name, settings.base_url or "", limits)
 
 

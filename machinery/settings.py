@@ -26,6 +26,7 @@ REPLY_LIMITS = {
     "critique": ("max_tokens_critique", "REPORT_MAX_TOKENS_CRITIQUE"),
     "summary": ("max_tokens_summary", "REPORT_MAX_TOKENS_SUMMARY"),
 }
+REPLY_LIMIT_SETTINGS = dict(REPLY_LIMITS.values())  # each once: the Settings field -> its environment variable
 ON = ("on", "1", "true", "yes")
 
 
@@ -170,7 +171,7 @@ class Settings:
         if self.base_url:
             env["OPENAI_BASE_URL"] = self.base_url
         # A reply limit changes what the model writes, and the cache key: the container must use the same one.
-        for field, variable in dict(REPLY_LIMITS.values()).items():
+        for field, variable in REPLY_LIMIT_SETTINGS.items():
             if getattr(self, field) != getattr(Settings, field):
                 env[variable] = str(getattr(self, field))
         return env
