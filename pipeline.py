@@ -42,9 +42,9 @@ from markdown_it import MarkdownIt
 from pydantic import ConfigDict, Field, ValidationError
 
 from machinery.cache_policy import CodeAndModelPolicy, code_and_model
-from machinery.files import atomic_write_text, slugify
+from machinery.files import atomic_write_text, slugify, writable_folder
 from machinery.html_page import html_page
-from machinery.inputs import validate_batch, validate_run_id
+from machinery.inputs import report_date_or_today, validate_batch, validate_run_id
 from machinery.model_client import ReplyCutOff, Usage, check_backend, complete, describe_error, metering
 from machinery.progress import StepLines, print_notable
 from machinery.records import Record, describe_fields
@@ -429,7 +429,7 @@ async def report_batch_pipeline(
     """Refine every topic concurrently, then format every report concurrently."""
     topics = validate_batch(topics, max_iterations, quality_threshold)  # `flyte run` comes straight here
     check_backend(fresh=False)  # so a server that cannot be used fails here, clearly (run_batch has just asked)
-    report_date = report_date or dt.date.today().isoformat()
+    report_date = report_date_or_today(report_date)
 
     # return_exceptions=True: a failed topic becomes a value, and its siblings run to completion.
     with flyte.group("refine_all"):
@@ -480,9 +480,11 @@ def run_batch(
     ``flyte_cache=False`` skips Flyte's task cache (not the reply cache: ``reply_cache`` setting).
     """
     topics = validate_batch(topics, max_iterations, quality_threshold)  # fail before the backend check
-    check_backend()  # which model the server serves now, in one cheap request: fail once, not once per topic
-    report_date = report_date or dt.date.today().isoformat()
+    report_date = report_date_or_today(report_date)
+    output_dir = writable_folder(output_dir or runtime.settings.reports_dir)  # now, not after every model call
+    timed = not run_id  # a run named by the time never replaces another (same second: -2, -3...)
     run_id = validate_run_id(run_id or dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    check_backend()  # which model the server serves now, in one cheap request: fail once, not once per topic
     runtime.announce_backend()
     runtime.init_flyte()
     runtime.start_batch()  # this batch's requests, tokens, 429s and pauses; its patience starts now
@@ -506,7 +508,7 @@ def run_batch(
 
     return save_run(BatchResult(
         run_id=run_id,
-        run_dir=Path(output_dir or runtime.settings.reports_dir).expanduser().resolve() / run_id,
+        run_dir=output_dir / run_id,
         report_date=report_date,
         model=runtime.model_name,
         reports=reports,
@@ -515,7 +517,7 @@ def run_batch(
         flyte_run_name=Path(run.url).name,
         pacing=runtime.pace.stats(),
         reported_models=runtime.reported_models(),  # other models replies named: a proxy renaming one
-    ))
+    ), replace=not timed)
 # {{/docs-fragment run-batch}}
 
 

@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -65,9 +68,40 @@ def staging_dir_for(final: Path) -> Path:
     return staging
 
 
+def writable_folder(folder: str | Path) -> Path:
+    """``folder``, absolute, made if it is missing; a ValueError, before any work is done, if it cannot be written."""
+    path = Path(folder).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as error:
+        raise ValueError(f"the output folder {path} cannot be written ({error.strerror or error}): pass another "
+                         "output_dir (--out on the command line) or set REPORTS_DIR") from None
+    return path
+
+
+def claim_free_dir(wanted: Path) -> Path:
+    """``wanted``, or else ``wanted-2``, ``-3``...: the first that does not exist, made empty. Made in one step
+    (``mkdir`` fails if the folder exists), so two processes never claim the same one."""
+    wanted.parent.mkdir(parents=True, exist_ok=True)
+    for number in itertools.count(1):
+        candidate = wanted if number == 1 else wanted.with_name(f"{wanted.name}-{number}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise AssertionError("unreachable: itertools.count never ends")
+
+
 def replace_dir(staging: Path, final: Path) -> None:
-    """Move a fully written ``staging`` folder to ``final``, replacing what was there."""
+    """Move a fully written ``staging`` folder to ``final``, replacing what was there; an empty folder (as
+    ``claim_free_dir`` makes) is replaced in one step, so nobody else can claim the name in between."""
     if final.exists():
+        with contextlib.suppress(OSError):  # not empty
+            os.replace(staging, final)
+            return
         retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
         os.replace(final, retired / final.name)
         os.replace(staging, final)

@@ -2,10 +2,12 @@
 
 A ``ValueError`` names the parameter, the value and the fix. ``coerce_topics``
 turns the text that papermill's ``-p`` and text boxes produce into a list.
+``report_date_or_today`` checks the date written into every report.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -57,6 +59,22 @@ def validate_batch(topics: Any, max_iterations: Any, quality_threshold: Any) -> 
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10:
             raise ValueError(f"{name} must be a whole number from 1 to 10, got {value!r}")
     return cleaned
+
+
+def report_date_or_today(value: Any) -> str:
+    """The report date as YYYY-MM-DD: today's when ``value`` is None or empty. A date object (YAML, as papermill's
+    ``-y`` reads it, makes one of an unquoted 2026-11-30) is written out; any other value is a ValueError."""
+    today = dt.date.today().isoformat()
+    if value is None or value == "":
+        return today
+    if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
+        try:
+            return dt.date.fromisoformat(value).isoformat()
+        except ValueError:  # 2026-02-30
+            pass
+    raise ValueError(f"report_date {value!r:.40} must be a date written YYYY-MM-DD, like {today}")
 
 
 def validate_run_id(run_id: str) -> str:

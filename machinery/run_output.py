@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from machinery.files import atomic_write_text, replace_dir, slugify, staging_dir_for
+from machinery.files import atomic_write_text, claim_free_dir, replace_dir, slugify, staging_dir_for
 from machinery.html_page import html_page
 from machinery.model_client import Usage
 from machinery.pacing import PaceStats
@@ -123,8 +123,16 @@ def missing_files(reports: Sequence[Any]) -> list[Any]:
     return [r for r in reports if r.files is not None and not Path(r.files.folder.path).is_dir()]
 
 
-def save_run(batch: BatchResult) -> BatchResult:
-    """Copy every report into ``<run_dir>/<slug>/`` with an index, atomically."""
+def save_run(batch: BatchResult, replace: bool = True) -> BatchResult:
+    """Copy every report into ``<run_dir>/<slug>/`` with an index, atomically; return the batch as saved.
+
+    ``replace=False`` (a run named by the time): an existing ``run_dir`` is another run's, started in the same
+    second, and is kept; this one is saved as ``<run_id>-2`` (``-3``...), the first name free.
+    """
+    claimed = None
+    if not replace:
+        claimed = claim_free_dir(batch.run_dir)
+        batch = dataclasses.replace(batch, run_id=claimed.name, run_dir=claimed)
     staging = staging_dir_for(batch.run_dir)
     try:
         for report in batch.reports:
@@ -140,5 +148,7 @@ def save_run(batch: BatchResult) -> BatchResult:
         replace_dir(staging, batch.run_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if claimed is not None:
+            shutil.rmtree(claimed, ignore_errors=True)  # still empty: the staging folder never replaced it
         raise
     return batch

@@ -1,17 +1,25 @@
 """machinery/inputs.py: bad input gets one clear ValueError, naming the parameter, the value and what is allowed.
 
-Unit tests of ``validate_batch``, ``validate_run_id`` and ``coerce_topics``. That ``run_batch`` checks
-before any model call is in test_pipeline_batch.py; what only a kernel can show (papermill's
+Unit tests of ``validate_batch``, ``validate_run_id``, ``coerce_topics`` and ``report_date_or_today``.
+That ``run_batch`` checks before any model call is in test_pipeline_batch.py; what only a kernel can show (papermill's
 ``-p`` and ``-y``) is in test_notebooks.py.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 
 import pytest
 
-from machinery.inputs import MAX_TOPIC_LENGTH, MAX_TOPICS, coerce_topics, validate_batch, validate_run_id
+from machinery.inputs import (
+    MAX_TOPIC_LENGTH,
+    MAX_TOPICS,
+    coerce_topics,
+    report_date_or_today,
+    validate_batch,
+    validate_run_id,
+)
 
 GOOD = ["Quantum computing"]
 
@@ -166,3 +174,20 @@ def test_coerced_text_still_goes_through_validation():
     with pytest.raises(ValueError, match="topic #2 must be a string, got NoneType"):
         validate_batch(coerce_topics("[Rust, null]"), 3, 8)
     assert validate_batch(coerce_topics("[Rust, 2024]"), 3, 8) == ["Rust", "2024"]
+
+
+# ----------------------------------------------------------------------------------------- report dates
+
+
+def test_a_report_date_defaults_to_today_and_is_kept_when_valid():
+    today = dt.date.today().isoformat()
+    assert report_date_or_today(None) == report_date_or_today("") == today
+    assert report_date_or_today("2026-02-28") == "2026-02-28"
+    assert report_date_or_today(dt.date(2026, 11, 30)) == "2026-11-30", "YAML reads an unquoted date as a date"
+
+
+@pytest.mark.parametrize("value", ["yesterday", "2026-13-01", "2026-02-30", "30/11/2026", "2026-1-5", "20261130",
+                                   " 2026-11-30", 20261130])
+def test_a_report_date_that_is_not_yyyy_mm_dd_is_rejected(value):
+    with pytest.raises(ValueError, match=r"report_date .* must be a date written YYYY-MM-DD, like 20\d\d-"):
+        report_date_or_today(value)

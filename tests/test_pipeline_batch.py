@@ -6,6 +6,7 @@ and both caches (Flyte's task cache and the reply cache) across reruns and retri
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 import subprocess
@@ -140,6 +141,35 @@ def test_the_run_folder_defaults_to_the_reports_setting(tmp_path):
     assert batch.report_date and batch.flyte_run_name
     dated = pipeline.run_batch(["Cats"], max_iterations=1, output_dir=tmp_path, flyte_cache=False)
     assert dated.run_dir.parent == tmp_path.resolve() and dated.run_id[:2] == "20", "named by the time"
+
+
+def test_a_run_named_by_the_time_never_replaces_another(tmp_path):
+    """Runs started in the same second (two terminals, a rerun at once): the later one is saved beside it."""
+    now = dt.datetime.now()
+    taken = [(now + dt.timedelta(seconds=s)).strftime("%Y%m%d-%H%M%S") for s in range(-1, 120)]
+    for run_id in taken:  # whichever second the batch starts in, a run of that name is there already
+        (tmp_path / run_id).mkdir()
+        (tmp_path / run_id / "summary.json").write_text("another run's\n", encoding="utf-8")
+    batch = pipeline.run_batch(["Cats"], max_iterations=1, output_dir=tmp_path, flyte_cache=False)
+    assert batch.run_id[:-2] in taken and batch.run_id.endswith("-2") and batch.summary_path.is_file()
+    assert all((tmp_path / run_id / "summary.json").read_text(encoding="utf-8") == "another run's\n"
+               for run_id in taken)
+
+
+@pytest.mark.parametrize("report_date", ["yesterday", "2026-13-01", "30/11/2026"])
+def test_a_bad_report_date_is_rejected_before_any_llm_call(report_date, tmp_path):
+    with scripted_model() as transport, pytest.raises(ValueError, match="report_date"):
+        pipeline.run_batch(["Cats"], output_dir=tmp_path, report_date=report_date)
+    assert transport.log == [] and list(tmp_path.iterdir()) == []
+
+
+def test_an_output_folder_that_cannot_be_written_is_rejected_before_any_llm_call(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder\n", encoding="utf-8")
+    with scripted_model() as transport, pytest.raises(ValueError, match="cannot be written") as caught:
+        pipeline.run_batch(["Cats"], output_dir=a_file / "reports")
+    assert str(a_file / "reports") in str(caught.value) and "REPORTS_DIR" in str(caught.value)
+    assert transport.log == []
 
 
 HOSTILE_TOPICS = ["../../etc/passwd", "..", "CON", "nul", "/absolute/path", "C:\\Windows\\win.ini", "x" * 200,

@@ -131,6 +131,26 @@ def test_a_second_save_replaces_the_run_folder(batch):
     assert [p.name for p in batch.run_dir.parent.iterdir()] == ["r1"], "no staging or retired folders left behind"
 
 
+def test_a_run_that_may_not_replace_takes_the_next_free_name(batch):
+    """Two runs named by the time in the same second: the second is saved as r1-2 (then r1-3), the first is kept."""
+    save_run(batch, replace=False)
+    first = batch.summary_path.read_bytes()
+    second = save_run(BatchResult(**{**batch.__dict__, "reports": batch.reports[1:2]}), replace=False)
+    third = save_run(BatchResult(**{**batch.__dict__, "reports": batch.reports[1:2]}), replace=False)
+    assert (second.run_id, third.run_id) == ("r1-2", "r1-3") and second.run_dir == batch.run_dir.parent / "r1-2"
+    assert batch.summary_path.read_bytes() == first, "the first run is untouched"
+    assert json.loads(second.summary_path.read_text(encoding="utf-8"))["run_id"] == "r1-2"
+    assert sorted(p.name for p in batch.run_dir.parent.iterdir()) == ["r1", "r1-2", "r1-3"]
+
+
+def test_a_failed_save_that_may_not_replace_leaves_no_folder(batch, tmp_path):
+    vanished = ReportFiles(folder=Dir(path=str(tmp_path / "does-not-exist")), usage=Usage())
+    bad = BatchResult(**{**batch.__dict__, "reports": [batch.reports[0].model_copy(update={"files": vanished})]})
+    with pytest.raises(Exception):  # noqa: B017 - whatever the copy raises, nothing is left behind
+        save_run(bad, replace=False)
+    assert list(batch.run_dir.parent.iterdir()) == []
+
+
 def test_a_failed_save_leaves_the_previous_run_and_no_staging_folder(batch, tmp_path):
     save_run(batch)
     before = batch.summary_path.read_bytes()
