@@ -55,8 +55,9 @@ notebooks: install
 	$(PY) tools/notebook_nav.py
 	$(PY) tools/execute_notebooks.py
 
+# As root (many containers) Jupyter refuses to start without --allow-root; it is passed only then.
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/00_setup.ipynb
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/00_setup.ipynb
 
 clean:
 	rm -rf reports build .pytest_cache

@@ -278,7 +278,9 @@ class ReportExplorer:
     A view only: ``run`` (what the Run button calls) validates the input, calls
     ``pipeline.run_batch`` with a progress listener, and shows the returned
     ``BatchResult``. A notebook cell can call ``run`` directly and gets the same
-    result, so headless runs exercise the same path as a click.
+    result, so headless runs exercise the same path as a click. The button passes
+    the box's text as a list, one topic per line (``box_topics``), so a click is
+    ``run(box_topics(ui.topics_box.value), rounds, threshold)``.
     """
 
     def __init__(self, topics: Sequence[str] = (), max_iterations: int = 3, quality_threshold: int = 8, *,
@@ -344,7 +346,7 @@ class ReportExplorer:
         return bundle
 
     def _setup(self) -> tuple[list[str], str]:
-        topics = [line.strip() for line in self.topics_box.value.splitlines() if line.strip()]
+        topics = box_topics(self.topics_box.value)
         return topics, (f"{len(topics)} topic{'s' * (len(topics) != 1)}, up to {self.iterations.value} "
                         f"round{'s' * (self.iterations.value != 1)}, threshold {self.threshold.value}")
 
@@ -438,7 +440,7 @@ class ReportExplorer:
 
     # The last run a click started: when it ended (time.monotonic()) and what it ran (``click_inputs``). A class
     # default, so that before any run no click counts as queued (``queued_click``; the app's cluster Run uses it too).
-    _click_run: tuple[float, tuple[str, int, int] | None] = (float("-inf"), None)
+    _click_run: tuple[float, tuple[list[str], int, int] | None] = (float("-inf"), None)
 
     def _clicked(self, _button: Any) -> None:
         if queued_click(self):  # the second click of a double-click: see QUEUED_CLICK_SECONDS
@@ -933,9 +935,20 @@ def app_run_id(opened: dt.datetime, kernel_pid: int) -> str:
 QUEUED_CLICK_SECONDS = 0.5
 
 
-def click_inputs(explorer: ReportExplorer) -> tuple[str, int, int]:
-    """What a click on ``explorer``'s Run button runs: the topics as typed, the rounds and the threshold."""
-    return explorer.topics_box.value, explorer.iterations.value, explorer.threshold.value
+def box_topics(text: str) -> list[str]:
+    """The topics typed in the explorer's box: one per line, whatever the line holds, stripped; blank lines left out.
+
+    Not ``coerce_topics``: its rules are for the one string papermill's ``-p`` gives, where ``[A, B]`` is a list and
+    one line with commas is ambiguous. In the box a line is a topic, ``Salt, fat, acid and heat`` and ``[Draft] Tea``
+    too. The list then gets ``validate_batch``'s checks (none, too long, repeated, ...) like any other.
+    """
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def click_inputs(explorer: ReportExplorer) -> tuple[list[str], int, int]:
+    """What a click on ``explorer``'s Run button runs: the topics typed (``box_topics``), the rounds and the
+    threshold."""
+    return box_topics(explorer.topics_box.value), explorer.iterations.value, explorer.threshold.value
 
 
 def queued_click(explorer: ReportExplorer, now: float | None = None) -> bool:

@@ -9,6 +9,7 @@ ticks. The run tree, read from Flyte's local run history of real runs in local m
 from __future__ import annotations
 
 import ast
+import html
 import json
 import os
 import re
@@ -149,6 +150,68 @@ def test_a_click_with_bad_input_shows_the_message_and_marks_the_results(one_run)
     ui.topics_box.value = "Fine\nFine"
     ui._clicked(ui.run_button)  # what the Run button does: no exception escapes into the page
     assert "repeats topic #1" in ui.message.value and "The last Run failed" in ui.results_note.value
+
+
+# The explorer's box is one topic per line, whatever a line contains: papermill's string rules (a line with commas
+# is ambiguous, one starting with "[" is a YAML list) are for `-p topics "..."`, not for what a person types.
+TYPED = [
+    ("Salt, fat, acid and heat", ["Salt, fat, acid and heat"]),
+    ("[Draft] Tea", ["[Draft] Tea"]),
+    ("  [Draft] Tea  \n\n Salt, fat, acid and heat \n", ["[Draft] Tea", "Salt, fat, acid and heat"]),
+]
+
+
+@pytest.mark.parametrize(("typed", "topics"), TYPED, ids=["commas", "bracket", "two-lines"])
+def test_a_click_runs_each_typed_line_as_one_topic(typed, topics, tmp_path, monkeypatch):
+    ran = []
+
+    def recording(checked, **options):
+        ran.append(checked)
+        raise RuntimeError("recorded, not run")
+
+    monkeypatch.setattr(pipeline, "run_batch", recording)
+    ui = explorer.ReportExplorer(output_dir=tmp_path)
+    ui.topics_box.value = typed
+    ui.run_button.click()
+    assert ran == [topics], ui.message.value
+    assert explorer.click_inputs(ui)[0] == topics
+
+
+def test_a_click_on_a_typed_topic_with_a_bracket_and_commas_runs_it(tmp_path):
+    ui = explorer.ReportExplorer(max_iterations=1, report_date=DATE, output_dir=tmp_path, run_id="typed")
+    ui.topics_box.value = " [Draft] Explorer: salt, fat, acid and heat \n"
+    ui.run_button.click()
+    assert ui.last_batch is not None, ui.message.value
+    assert [report.topic for report in ui.last_batch.reports] == ["[Draft] Explorer: salt, fat, acid and heat"]
+    assert ui.message.value.startswith("Finished: 1 of 1 topics succeeded")
+
+
+@pytest.mark.parametrize(("typed", "message"), [
+    ("\n  \n", "topics is empty"),
+    ("Salt, fat\n  Salt, fat ", "topic #2 'Salt, fat' repeats topic #1"),
+    ("[Draft]\n" + "x" * 201, "topic #2 is 201 characters long"),
+], ids=["blank", "repeated", "too-long"])
+def test_typed_topics_still_get_the_usual_checks(typed, message, tmp_path):
+    ui = explorer.ReportExplorer(output_dir=tmp_path)
+    ui.topics_box.value = typed
+    ui.run_button.click()
+    assert html.escape(message) in ui.message.value and ui.last_batch is None
+
+
+def test_on_a_cluster_a_click_starts_each_typed_line_as_one_topic(tmp_path):
+    started = []
+    app = explorer.ExplorerApp(tmp_path, target="cluster",
+                               start_run=lambda name, inputs: started.append(inputs["topics"]) or "r-1")
+    for typed, topics in TYPED:
+        app.explorer.topics_box.value = typed
+        app.explorer.run_button.click()
+        assert started[-1:] == [topics], app.explorer.message.value
+
+
+def test_a_string_in_a_call_is_still_read_as_papermill_reads_it(tmp_path):
+    ui = explorer.ReportExplorer(output_dir=tmp_path)
+    with pytest.raises(ValueError, match="one topic or several"):
+        ui.run("Salt, fat, acid and heat")
 
 
 def test_an_unexpected_failure_marks_them_too(one_run, monkeypatch):
