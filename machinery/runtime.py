@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import threading
 import weakref
@@ -140,23 +139,32 @@ class Runtime:
         return self._settings
 
     def configure(self, **changes: Any) -> Settings:
-        """Change settings from now on, e.g. ``runtime.configure(offline_latency=0.2)``."""
-        self._apply(dataclasses.replace(self._settings, **changes))
+        """Change settings from now on, e.g. ``runtime.configure(offline_latency=0.2)``.
+
+        Checked first, with the rules of the environment variables (``Settings.changed``): a bad value is a
+        ``ValueError`` naming the field and its variable, an unknown name a ``TypeError``, and either
+        leaves everything as it was."""
+        self._apply(self._settings.changed(**changes))
         return self._settings
 
     @contextlib.contextmanager
     def configured(self, **changes: Any) -> Iterator[Settings]:
-        """Change settings for the ``with`` block only."""
+        """Change settings for the ``with`` block only (checked as ``configure`` checks them, before it)."""
+        settings = self._settings.changed(**changes)  # a bad change fails here, before anything changes
         before = self._settings
+        self._apply(settings)
         try:
-            yield self.configure(**changes)
+            yield settings
         finally:
             self._apply(before)
 
     def _apply(self, settings: Settings) -> None:
-        self._settings = settings
+        # What could fail comes first, so a failure leaves the runtime as it was.
         # New settings, a new pace (as new clients): its window starts again below the new ceiling.
-        self.pace = Pace(settings.max_concurrency, settings.rate_limit_patience, on_pause=self._paused)
+        pace = Pace(settings.max_concurrency, settings.rate_limit_patience, on_pause=self._paused)
+        task_env_vars = settings.task_env_vars()
+        self._settings = settings
+        self.pace = pace
         # New settings, new clients (made on first use in each event loop).
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncOpenAI] = (
             weakref.WeakKeyDictionary()
@@ -165,7 +173,7 @@ class Runtime:
             self._model: str | None = None  # the model name, once known (model_name)
             self.model_note: str | None = None  # when REPORT_MODEL names another than the one served
         self.task_env_vars.clear()
-        self.task_env_vars.update(settings.task_env_vars())
+        self.task_env_vars.update(task_env_vars)
         for live, secrets in self._secret_lists:
             live[:] = secrets if settings.backend == "openai" else []
 

@@ -1,12 +1,15 @@
 """Settings: where the model lives and how hard we may call it, read from environment variables.
 
 ``Settings.from_env()`` parses and checks them once; a bad value is a ``ValueError`` that names the
-variable and what it accepts. The live settings of a process belong to ``machinery.runtime``.
+variable and what it accepts. ``Settings(...)`` itself checks its values against the same rules (so do
+``dataclasses.replace`` and ``runtime.configure``, which use it): a bad one is a ``ValueError`` that names
+the field, its variable and what it accepts. The live settings of a process belong to ``machinery.runtime``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +31,28 @@ REPLY_LIMITS = {
 }
 REPLY_LIMIT_SETTINGS = dict(REPLY_LIMITS.values())  # each once: the Settings field -> its environment variable
 ON = ("on", "1", "true", "yes")
+# The numeric settings and their one set of rules, for both ways in (Settings.from_env reads text,
+# Settings(...) checks values): field -> (environment variable, int or float, the least value allowed).
+NUMBERS: dict[str, tuple[str, type, int | float]] = {
+    "max_concurrency": ("REPORT_MAX_CONCURRENCY", int, 1),
+    "request_timeout": ("REPORT_REQUEST_TIMEOUT", float, 0.001),
+    "client_retries": ("REPORT_CLIENT_RETRIES", int, 0),
+    "max_tokens_report": ("REPORT_MAX_TOKENS_REPORT", int, 1),
+    "max_tokens_critique": ("REPORT_MAX_TOKENS_CRITIQUE", int, 1),
+    "max_tokens_summary": ("REPORT_MAX_TOKENS_SUMMARY", int, 1),
+    "rate_limit_patience": ("REPORT_RATE_LIMIT_PATIENCE", float, 0.0),
+    "offline_latency": ("REPORT_OFFLINE_LATENCY", float, 0.0),
+    "offline_latency_per_token": ("REPORT_OFFLINE_LATENCY_PER_TOKEN", float, 0.0),
+}
+MEANINGS = {int: "a whole number of", float: "a number of seconds,"}  # "must be <meaning> at least <minimum>"
+# Every field's environment variable, for messages that say what to change.
+VARIABLES = {
+    "backend": "REPORT_BACKEND", "model": "REPORT_MODEL", "base_url": "OPENAI_BASE_URL", "reports_dir": "REPORTS_DIR",
+    "reply_cache": "REPORT_REPLY_CACHE", "run_history": "REPORT_RUN_HISTORY",
+    **{field: variable for field, (variable, _, _) in NUMBERS.items()},
+}
+BACKEND_CHOICES = ("use 'offline' (built-in model, no network) or 'openai' (OpenAI or any OpenAI-compatible server "
+                   "such as Ollama, vLLM or llama.cpp).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +111,7 @@ class Settings:
         has_openai = bool(env.get("OPENAI_API_KEY") or env.get("OPENAI_BASE_URL"))
         backend = (env.get("REPORT_BACKEND") or ("openai" if has_openai else "offline")).strip().lower()
         if backend not in BACKENDS:
-            raise ValueError(
-                f"REPORT_BACKEND={backend!r} is not a known backend: use 'offline' (built-in model, no network) "
-                "or 'openai' (OpenAI or any OpenAI-compatible server such as Ollama, vLLM or llama.cpp)."
-            )
+            raise ValueError(f"REPORT_BACKEND={backend!r} is not a known backend: {BACKEND_CHOICES}")
         reports_dir = Path(env["REPORTS_DIR"]).expanduser().resolve() if env.get("REPORTS_DIR") else cls.reports_dir
         cache_setting = (env.get("REPORT_REPLY_CACHE") or "").strip()
         if cache_setting.lower() in OFF:
@@ -100,20 +122,57 @@ class Settings:
             backend=backend,
             model=env.get("REPORT_MODEL") or None,
             base_url=env.get("OPENAI_BASE_URL") or None,
-            max_concurrency=_whole_number(env, "REPORT_MAX_CONCURRENCY", cls.max_concurrency),
             reports_dir=reports_dir,
-            request_timeout=_seconds(env, "REPORT_REQUEST_TIMEOUT", cls.request_timeout),
-            client_retries=_whole_number(env, "REPORT_CLIENT_RETRIES", cls.client_retries, minimum=0),
-            max_tokens_report=_whole_number(env, "REPORT_MAX_TOKENS_REPORT", cls.max_tokens_report),
-            max_tokens_critique=_whole_number(env, "REPORT_MAX_TOKENS_CRITIQUE", cls.max_tokens_critique),
-            max_tokens_summary=_whole_number(env, "REPORT_MAX_TOKENS_SUMMARY", cls.max_tokens_summary),
-            rate_limit_patience=_seconds(env, "REPORT_RATE_LIMIT_PATIENCE", cls.rate_limit_patience, minimum=0.0),
-            offline_latency=_seconds(env, "REPORT_OFFLINE_LATENCY", cls.offline_latency, minimum=0.0),
-            offline_latency_per_token=_seconds(
-                env, "REPORT_OFFLINE_LATENCY_PER_TOKEN", cls.offline_latency_per_token, minimum=0.0),
+            **{field: _number(env, variable, getattr(cls, field), kind, minimum, MEANINGS[kind])
+               for field, (variable, kind, minimum) in NUMBERS.items()},
             reply_cache=reply_cache,
             run_history=_switch(env, "REPORT_RUN_HISTORY", cls.run_history),
         )
+
+    def __post_init__(self) -> None:
+        """Check every value with ``from_env``'s rules (``NUMBERS``, ``BACKENDS``), however the settings were
+        made; a path given as a string becomes a ``Path``, a whole number of seconds a float."""
+        if self.backend not in BACKENDS:
+            raise ValueError(f"{self._named('backend')} is not a known backend: {BACKEND_CHOICES}")
+        for field, (_, kind, minimum) in NUMBERS.items():
+            value = getattr(self, field)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if kind is int:
+                number = number and isinstance(value, int)
+            if not number or not value >= minimum:  # `not >=` also rejects nan
+                raise ValueError(f"{self._named(field)} must be {MEANINGS[kind]} at least {minimum}")
+            object.__setattr__(self, field, kind(value))
+        for field, what in (("model", "a model's name"), ("base_url", "a URL")):
+            if not isinstance(getattr(self, field), str | None):
+                raise ValueError(f"{self._named(field)} must be {what} (a string) or None")
+        if not isinstance(self.run_history, bool):
+            raise ValueError(f"{self._named('run_history')} must be True or False")
+        object.__setattr__(self, "reports_dir", self._path("reports_dir", "must be a path (a Path or a string)"))
+        if self.reply_cache is not None:
+            off = isinstance(self.reply_cache, str) and self.reply_cache.strip().lower() in OFF
+            object.__setattr__(self, "reply_cache", self._path(
+                "reply_cache", "must be a path (a Path or a string), or None to switch the reply cache off", off))
+
+    def _named(self, field: str) -> str:
+        """``field=value (VARIABLE)``: the start of a message about a bad value."""
+        return f"{field}={getattr(self, field)!r} ({VARIABLES[field]})"
+
+    def _path(self, field: str, rule: str, refused: bool = False) -> Path:
+        value = getattr(self, field)
+        if refused or not isinstance(value, str | os.PathLike) or not str(value).strip():
+            raise ValueError(f"{self._named(field)} {rule}")
+        return Path(value)
+
+    def changed(self, **changes: Any) -> Self:
+        """These settings with ``changes`` (field names, as in ``Settings(...)``), checked: a ``TypeError`` for
+        a name that is not a setting, a ``ValueError`` naming the field and its variable for a bad value."""
+        fields = [field.name for field in dataclasses.fields(self)]
+        for name in changes:
+            if name not in fields:
+                close = difflib.get_close_matches(name, fields, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise TypeError(f"{name!r} is not a setting{hint}: the settings are {', '.join(fields)}")
+        return dataclasses.replace(self, **changes)
 
     @property
     def endpoint(self) -> str:
@@ -175,14 +234,6 @@ class Settings:
             if getattr(self, field) != getattr(Settings, field):
                 env[variable] = str(getattr(self, field))
         return env
-
-
-def _whole_number(env: dict[str, str], name: str, default: int, minimum: int = 1) -> int:
-    return _number(env, name, default, int, minimum, "a whole number of")
-
-
-def _seconds(env: dict[str, str], name: str, default: float, minimum: float = 0.001) -> float:
-    return _number(env, name, default, float, minimum, "a number of seconds,")
 
 
 def _number(env: dict[str, str], name: str, default: Any, kind: type, minimum: Any, meaning: str) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import re
 import sqlite3
 import subprocess
 import sys
@@ -52,8 +53,61 @@ def test_configure_changes_settings_from_now_on():
 
 
 def test_configure_rejects_unknown_fields():
-    with pytest.raises(TypeError):
+    before, pace = runtime.settings, runtime.pace
+    renamed = r"'llm_cache' is not a setting \(did you mean reply_cache\?\): the settings are backend, .*run_history"
+    with pytest.raises(TypeError, match=renamed):
         runtime.configure(llm_cache=None)
+    with pytest.raises(TypeError, match="'colour' is not a setting: the settings are backend, model, "), \
+            runtime.configured(colour="blue", max_concurrency=2):
+        pytest.fail("the block never runs")
+    assert runtime.settings is before and runtime.pace is pace
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"max_concurrency": 0}, "max_concurrency=0 (REPORT_MAX_CONCURRENCY) must be a whole number of at least 1"),
+        ({"backend": "foo"}, "backend='foo' (REPORT_BACKEND) is not a known backend: use 'offline' (built-in"),
+        ({"max_tokens_report": 0},
+         "max_tokens_report=0 (REPORT_MAX_TOKENS_REPORT) must be a whole number of at least 1"),
+        ({"request_timeout": 0}, "request_timeout=0 (REPORT_REQUEST_TIMEOUT) must be a number of seconds, at least"),
+        ({"rate_limit_patience": -1.0},
+         "rate_limit_patience=-1.0 (REPORT_RATE_LIMIT_PATIENCE) must be a number of seconds, at least 0"),
+        ({"max_concurrency": "4"}, "max_concurrency='4' (REPORT_MAX_CONCURRENCY) must be a whole number"),
+        ({"run_history": "on"}, "run_history='on' (REPORT_RUN_HISTORY) must be True or False"),
+    ],
+)
+def test_a_bad_setting_is_refused_before_anything_changes(changes, message):
+    """A failed ``configure`` or ``configured`` changes nothing: no restart needed, the next call works."""
+
+    async def grab():
+        return runtime.client()
+
+    def attempt(change):
+        if change == "configure":
+            runtime.configure(model="a valid change, made with the bad one", **changes)
+        else:
+            with runtime.configured(model="a valid change, made with the bad one", **changes):
+                pytest.fail("the block never runs")
+
+    loop = asyncio.new_event_loop()
+    try:
+        client = loop.run_until_complete(grab())
+        settings, pace, env_vars = runtime.settings, runtime.pace, dict(runtime.task_env_vars)
+        for change in ("configure", "configured"):
+            with pytest.raises(ValueError, match=re.escape(message)):
+                attempt(change)
+            assert runtime.settings is settings, change
+            assert runtime.pace is pace and runtime.limit is pace.limit, change
+            assert runtime.pace.ceiling == settings.max_concurrency
+            assert runtime.task_env_vars == env_vars and pipeline.llm_env.secrets == []
+            assert loop.run_until_complete(grab()) is client, "the clients were kept"
+        later = runtime.configure(offline_latency=0.01)
+        assert later.offline_latency == 0.01 and later.max_concurrency == settings.max_concurrency
+        assert later.backend == settings.backend and later.max_tokens_report == settings.max_tokens_report
+        assert runtime.pace.ceiling == settings.max_concurrency
+    finally:
+        loop.close()
 
 
 def test_configured_restores_the_settings_after_the_block_even_on_failure():

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
 from machinery import offline_llm
-from machinery.settings import OPENAI_URL, PROJECT_ROOT, Settings
+from machinery.settings import NUMBERS, OPENAI_URL, PROJECT_ROOT, Settings
 
 KEY = "sk-canary-1234567890abcdef"
 
@@ -37,6 +38,66 @@ KEY = "sk-canary-1234567890abcdef"
 def test_bad_settings_are_named(environ, expected):
     with pytest.raises(ValueError, match=expected.replace("(", r"\(")):
         Settings.from_env(environ)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("backend", "foo", "backend='foo' (REPORT_BACKEND) is not a known backend: use 'offline' (built-in model"),
+        ("backend", "OpenAI", "backend='OpenAI' (REPORT_BACKEND) is not a known backend"),
+        ("backend", None, "backend=None (REPORT_BACKEND) is not a known backend"),
+        ("max_concurrency", 0, "max_concurrency=0 (REPORT_MAX_CONCURRENCY) must be a whole number of at least 1"),
+        ("max_concurrency", 2.5, "max_concurrency=2.5 (REPORT_MAX_CONCURRENCY) must be a whole number of at least 1"),
+        ("max_concurrency", "4", "max_concurrency='4' (REPORT_MAX_CONCURRENCY) must be a whole number"),
+        ("max_concurrency", True, "max_concurrency=True (REPORT_MAX_CONCURRENCY) must be a whole number"),
+        ("client_retries", -1, "client_retries=-1 (REPORT_CLIENT_RETRIES) must be a whole number of at least 0"),
+        ("max_tokens_report", 0, "max_tokens_report=0 (REPORT_MAX_TOKENS_REPORT) must be a whole number of at least 1"),
+        ("max_tokens_critique", -5, "max_tokens_critique=-5 (REPORT_MAX_TOKENS_CRITIQUE) must be a whole number"),
+        ("max_tokens_summary", None, "max_tokens_summary=None (REPORT_MAX_TOKENS_SUMMARY) must be a whole number"),
+        ("request_timeout", 0,
+         "request_timeout=0 (REPORT_REQUEST_TIMEOUT) must be a number of seconds, at least 0.001"),
+        ("request_timeout", float("nan"), "request_timeout=nan (REPORT_REQUEST_TIMEOUT) must be a number of seconds"),
+        ("rate_limit_patience", -1, "rate_limit_patience=-1 (REPORT_RATE_LIMIT_PATIENCE) must be a number of seconds"),
+        ("offline_latency", "0.2", "offline_latency='0.2' (REPORT_OFFLINE_LATENCY) must be a number of seconds"),
+        ("offline_latency_per_token", -0.01, "offline_latency_per_token=-0.01 (REPORT_OFFLINE_LATENCY_PER_TOKEN)"),
+        ("run_history", "on", "run_history='on' (REPORT_RUN_HISTORY) must be True or False"),
+        ("run_history", 1, "run_history=1 (REPORT_RUN_HISTORY) must be True or False"),
+        ("model", 4, "model=4 (REPORT_MODEL) must be a model's name (a string) or None"),
+        ("base_url", Path("x"), "base_url=PosixPath('x') (OPENAI_BASE_URL) must be a URL (a string) or None"),
+        ("reports_dir", None, "reports_dir=None (REPORTS_DIR) must be a path"),
+        ("reports_dir", "", "reports_dir='' (REPORTS_DIR) must be a path"),
+        ("reply_cache", 0, "reply_cache=0 (REPORT_REPLY_CACHE) must be a path (a Path or a string), or None to switch"),
+        ("reply_cache", "off", "reply_cache='off' (REPORT_REPLY_CACHE) must be a path (a Path or a string), or None"),
+    ],
+)
+def test_bad_values_in_python_are_named_with_their_variable(field, value, expected):
+    """``Settings(...)`` (and so ``runtime.configure``) checks what ``from_env`` checks: the same bounds."""
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        Settings(**{field: value})
+
+
+def test_python_and_the_environment_share_one_set_of_bounds():
+    for field, (variable, kind, minimum) in NUMBERS.items():
+        least = Settings(**{field: minimum})
+        assert getattr(least, field) == minimum and type(getattr(least, field)) is kind
+        assert getattr(Settings.from_env({variable: str(minimum)}), field) == minimum
+        below = minimum - 1 if kind is int else minimum - 0.0005
+        with pytest.raises(ValueError, match=f"^{variable}="):
+            Settings.from_env({variable: str(below)})
+        with pytest.raises(ValueError, match=re.escape(f"{field}={below!r} ({variable}) must be")):
+            Settings(**{field: below})
+    assert set(NUMBERS) | {"backend", "model", "base_url", "reports_dir", "reply_cache", "run_history"} == {
+        field.name for field in dataclasses.fields(Settings)}
+
+
+def test_python_values_of_the_right_kind_are_taken_as_they_mean(tmp_path):
+    settings = Settings(request_timeout=5, rate_limit_patience=0, reports_dir=str(tmp_path), reply_cache=None,
+                        run_history=True, backend="openai", model="m", base_url="http://127.0.0.1:1/v1")
+    assert settings.request_timeout == 5.0 and type(settings.request_timeout) is float, "seconds are floats"
+    assert settings.rate_limit_patience == 0.0 and type(settings.rate_limit_patience) is float
+    assert settings.reports_dir == tmp_path and isinstance(settings.reports_dir, Path)
+    assert Settings(reply_cache=str(tmp_path / "r.sqlite3")).reply_cache == tmp_path / "r.sqlite3"
+    assert dataclasses.replace(settings, max_concurrency=1).max_concurrency == 1
 
 
 def test_the_old_cache_variable_is_refused_with_its_new_name():
