@@ -456,10 +456,10 @@ class InOrder(dict):
 
 
 def test_replies_in_send_order_use_the_whole_budget():
-    """600 a minute, a burst of 10, eight at a time, replies after 0.2 s in send order: each reply was sent while
+    """1,200 a minute, a burst of 10, eight at a time, replies after 0.1 s in send order: each reply was sent while
     others were in flight, but the copy took those as they went out, so no room is held back for them. The server
-    has about two left whenever the pace sends (one per 0.1 s; less is a 429, more is throughput lost)."""
-    server = BucketServer(600, burst=10, delays=InOrder(0.2))
+    has about two left whenever the pace sends (one per 50 ms; less is a 429, more is throughput lost)."""
+    server = BucketServer(1200, burst=10, delays=InOrder(0.1))
     left_when_counted = []
     take = server.bucket.take
 
@@ -470,7 +470,7 @@ def test_replies_in_send_order_use_the_whole_budget():
 
     server.bucket.take = counted
     pace = Pace(ceiling=8, patience=30)
-    asyncio.run(send(pace, server, *bodies(40)))
+    asyncio.run(send(pace, server, *bodies(24)))
     later = left_when_counted[10:]  # after the burst
     assert pace.stats().rate_limited == 0 and sum(later) / len(later) <= 3, later
 
