@@ -236,7 +236,7 @@ STEP_LABELS = {
     "still-waiting": "waiting for the model (over {seconds:g} s)",  # sent once per call: "over", not a count
     "timed-out": "the {call} timed out",
     "cut-off": "the {call} was cut off",
-    "gave-up": "the {call} failed after {attempts} attempts: Flyte retries the task",
+    "gave-up": "the {call} failed after {attempts} attempts: Flyte retries the task if it has a retry left",
 }
 
 

@@ -235,7 +235,7 @@ async def critique_draft(topic: str, draft: str) -> Critique:
     except ValidationError as error:
         problem = validation_summary(error)
     except ReplyCutOff as cut:
-        problem = f"the reply hit the limit of {cut.limit} tokens (raise {cut.setting} for longer replies)"
+        problem = cut.reason  # the limit to raise, or the model's context that is full
     raise CritiqueError(f"The critic's reply for {topic!r} was invalid twice (after one repair request): {problem}")
 
 

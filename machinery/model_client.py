@@ -20,12 +20,19 @@
 * handles a reply that stopped at the request's ``max_tokens`` (``finish_reason`` ``"length"``): it is
   never stored in the cache (a marker is, so a rerun skips the request); with ``retry_shorter`` the
   request is sent once more with ``SHORTER`` added to its instructions; then it raises ``ReplyCutOff``,
-  naming the setting that raises the limit;
+  naming the setting that raises the limit. A reply that stopped so, but after fewer tokens than
+  ``max_tokens``, filled the model's context (prompt plus reply; a small local model's): its
+  ``ReplyCutOff`` says so, and that a larger context, not a higher limit, helps;
+* fails at once, with ``RequestRejected`` that Flyte does not retry, on an HTTP 400: the same request
+  would be rejected again. A prompt too long for the model's context (``ContextExceeded``) says what to
+  change; any other (``BadRequest``) quotes the server;
+* names the server and ``OPENAI_BASE_URL`` in the error of a call that could not reach it;
 * tells progress listeners, naming the topic and the step, when it retries, when a call has waited
   ``STILL_WAITING_AFTER`` seconds, when it times out, when a reply is cut off and when it gives up on a
   failure that Flyte's task retry may still get past (``runtime.emit``); and notes a reply that names
   another model than the one recorded (``runtime.note_reported_model``);
-* strips the API key from any error a server sends back;
+* strips the API key from any error a server sends back, and any user or password from the server's
+  URL in messages;
 * adds what the call cost, failed attempts included, to the active usage meter (see ``metering``)
   and to the batch's counts (``runtime.batch_usage``).
 
@@ -41,6 +48,7 @@ import contextvars
 import functools
 import os
 import random
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -60,6 +68,12 @@ RETRIED_STATUSES = (408, 409)  # and every 5xx: the openai client's own choice
 # prompt asks for. About 0.75 words a token: half the limit in words leaves room.
 SHORTER = ("\nYour previous reply was cut off at the limit of {limit} tokens. This time the whole reply must fit "
            "in {limit} tokens: at most {words} words, fewer than asked above if need be.")
+# Where a small local model's context is set: what to change when prompt and reply do not fit in it.
+LARGER_CONTEXT = "llama.cpp: -c, Ollama: num_ctx"
+# An HTTP 400 for a prompt longer than the model's context: llama.cpp's error type, OpenAI's (and vLLM's) code,
+# or words to that effect from other servers.
+CONTEXT_ERRORS = ("exceed_context_size_error", "context_length_exceeded")
+CONTEXT_WORDS = re.compile(r"context (size|length|window)|maximum context", re.IGNORECASE)
 
 
 class Usage(Record):
@@ -136,17 +150,45 @@ class ModelTimeout(flyte.errors.NonRecoverableError):
 
 
 class ReplyCutOff(flyte.errors.NonRecoverableError):
-    """The reply stopped at the request's reply limit (``finish_reason`` "length"): an unfinished text.
-    Asking the same again gets the same, so Flyte won't; the steps decide (pipeline.py)."""
+    """The reply stopped before it was done (``finish_reason`` "length"): an unfinished text. At the request's
+    reply limit, ``limit``; or, ``tokens`` (its length) short of it, where the model's context (prompt plus
+    reply) was full, which a higher limit would not change. Asking the same again gets the same, so Flyte
+    won't; the steps decide (pipeline.py)."""
 
-    def __init__(self, topic: str, step: str, limit: int, setting: str, shorter: bool = False) -> None:
+    def __init__(self, topic: str, step: str, limit: int, setting: str, shorter: bool = False,
+                 tokens: int | None = None) -> None:
         self.topic, self.step, self.limit, self.setting, self.shorter = topic, step, limit, setting, shorter
+        self.tokens = tokens if tokens is not None and tokens < limit else None  # None: it reached the limit
         asked = ", even though a shorter reply was asked for" if shorter else ""
-        super().__init__(f"{topic}: the {step} hit the reply limit of {limit} tokens and was cut off "
-                         f"(finish_reason \"length\"){asked}. Raise {setting} for longer replies.", code="ReplyCutOff")
+        if self.tokens is None:
+            message = (f"{topic}: the {step} hit the reply limit of {limit} tokens and was cut off "
+                       f"(finish_reason \"length\"){asked}. Raise {setting} for longer replies.")
+        else:
+            message = (f"{topic}: the {step} stopped after {tokens} tokens, before the reply limit of {limit} tokens "
+                       f"(finish_reason \"length\"){asked}: the model's context (prompt plus reply) is probably full. "
+                       f"Use a server or model with a larger context window ({LARGER_CONTEXT}) or shorter prompts; "
+                       f"raising {setting} will not help.")
+        super().__init__(message, code="ReplyCutOff")
+
+    @property
+    def reason(self) -> str:
+        """Why the reply is unfinished and what would help, in a few words for a larger message."""
+        if self.tokens is None:
+            return f"the reply hit the limit of {self.limit} tokens (raise {self.setting} for longer replies)"
+        return (f"the reply stopped after {self.tokens} tokens, before the limit of {self.limit}: the model's context "
+                f"is full (use a larger context window: {LARGER_CONTEXT})")
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickled with its fields, not only its message
-        return ReplyCutOff, (self.topic, self.step, self.limit, self.setting, self.shorter)
+        return ReplyCutOff, (self.topic, self.step, self.limit, self.setting, self.shorter, self.tokens)
+
+
+class RequestRejected(flyte.errors.NonRecoverableError):
+    """The server answered HTTP 400: this request is wrong for it, and would be rejected again, so neither
+    ``complete`` nor Flyte retries it. Code ``ContextExceeded``: the prompt does not fit in the model's context
+    window; ``BadRequest``: anything else, in the server's words."""
+
+    def __init__(self, message: str, code: str = "BadRequest") -> None:
+        super().__init__(message, code=code)
 
 
 async def complete(request: dict[str, Any], *, topic: str, step: str, retry_shorter: bool = False) -> str:
@@ -178,7 +220,9 @@ async def _complete(request: dict[str, Any], topic: str, step: str, shorter: boo
         return hit.content
     if cache is not None and (marker := cache.get(cut_off_key)) is not None:
         _record(Usage(cache_hits=1))
-        raise ReplyCutOff(topic, step, marker.completion_tokens, runtime.settings.reply_limit_variable(step), shorter)
+        stopped = marker.completion_tokens  # the limit, or the fewer tokens a full context stopped the reply at
+        setting = runtime.settings.reply_limit_variable(step)
+        raise ReplyCutOff(topic, step, request.get("max_tokens") or stopped, setting, shorter, tokens=stopped)
     usage = Usage()
     # One event per call, however many attempts it takes, if the wait gets long enough to wonder about.
     still_waiting = asyncio.get_running_loop().call_later(
@@ -188,8 +232,9 @@ async def _complete(request: dict[str, Any], topic: str, step: str, shorter: boo
         with pacing.queue_time() as queued:  # the deadline is the server's time: the pace's queue is left out
             text = await _attempts(request, topic, step, usage, shorter, queued)
     except ReplyCutOff as cut:
-        if cache is not None:  # the marker keeps the limit; the cut-off text itself is never served
-            cache.put(cut_off_key, CachedReply("", usage.prompt_tokens, cut.limit))
+        if cache is not None:  # the marker keeps where it stopped; the cut-off text itself is never served
+            stopped = cut.limit if cut.tokens is None else cut.tokens
+            cache.put(cut_off_key, CachedReply("", usage.prompt_tokens, stopped))
         raise
     finally:  # failed calls count too: summary.json's totals say what a batch really sent
         still_waiting.cancel()
@@ -221,15 +266,17 @@ async def _attempts(request: dict[str, Any], topic: str, step: str, usage: Usage
             raise _timed_out(topic, step, usage) from None
         except openai.APIStatusError as error:
             if (mark := error.response.headers.get(pacing.MARK)) is not None:  # the pace stopped waiting
-                message = runtime.pace.explain(error.response, settings.endpoint)
+                message = runtime.pace.explain(error.response, _server())
                 raise ServerLimitError(redact(message), "QuotaExceeded" if mark == "quota" else "RateLimited") from None
+            if error.status_code == 400:  # the same request gets the same answer: no retry helps
+                raise _rejected(topic, step, error) from None
             # A server may quote the key it rejected.
             failure: Exception = type(error)(redact(error.message), response=error.response, body=None)
             if error.status_code not in RETRIED_STATUSES and error.status_code < 500:
                 raise failure from None
             reason, wait = f"HTTP {error.status_code} from the server", pacing.parse_retry_after(error.response.headers)
         except openai.APIConnectionError as error:
-            failure, reason = error, "the connection failed"
+            failure, reason = _unreachable(topic, step, error, attempt), "the connection failed"
         else:
             tokens = response.usage
             usage.prompt_tokens += tokens.prompt_tokens if tokens else 0
@@ -241,8 +288,11 @@ async def _attempts(request: dict[str, Any], topic: str, step: str, usage: Usage
             if getattr(choice, "finish_reason", None) == "length":
                 usage.cut_off += 1
                 limit = request.get("max_tokens") or 0
-                runtime.emit(topic, "cut-off", call=step, limit=limit, shorter=shorter)
-                raise ReplyCutOff(topic, step, limit, settings.reply_limit_variable(step), shorter)
+                # Fewer tokens than the limit: the model's context (prompt plus reply) was full first.
+                written = getattr(tokens, "completion_tokens", None)
+                early = {"tokens": written} if isinstance(written, int) and written < limit else {}
+                runtime.emit(topic, "cut-off", call=step, limit=limit, shorter=shorter, **early)
+                raise ReplyCutOff(topic, step, limit, settings.reply_limit_variable(step), shorter, **early)
             text = choice.message.content or ""
             if text.strip():
                 return text
@@ -260,7 +310,8 @@ async def _attempts(request: dict[str, Any], topic: str, step: str, usage: Usage
 
 
 def _task_attempt() -> int:
-    """Flyte's attempt number of the task making the call: 0 for the first, or outside a task."""
+    """Flyte's attempt number of the task making the call: 0 for the first, or outside a task (and in a local
+    run, where Flyte retries a task in the same process without counting: only a cluster's containers say)."""
     context = flyte.ctx()
     return context.attempt_number if context else 0
 
@@ -281,6 +332,40 @@ def _timed_out(topic: str, step: str, usage: Usage) -> ModelTimeout:
         "not make the model write less: it cuts its replies off.)")
 
 
+def _rejected(topic: str, step: str, error: openai.APIStatusError) -> RequestRejected:
+    """The error for an HTTP 400, in the server's words (without the key): what does not fit, or what it refused."""
+    body = error.body if isinstance(error.body, dict) else {}
+    said = redact(str(body.get("message") or error.message))
+    if {body.get("type"), body.get("code")} & set(CONTEXT_ERRORS) or CONTEXT_WORDS.search(said):
+        return RequestRejected(
+            f"{topic}: the {step}'s request does not fit in the model's context window: the server at {_server()} "
+            f"answered HTTP 400 ({said}). Use a server or model with a larger context window ({LARGER_CONTEXT}) or "
+            "shorter prompts. A retry would be rejected the same way, so neither the client nor Flyte retries it.",
+            "ContextExceeded")
+    return RequestRejected(
+        f"{topic}: the server at {_server()} rejected the {step}'s request (HTTP 400: {said}). A retry would be "
+        "rejected the same way, so neither the client nor Flyte retries it: the server's message says what it did "
+        f"not accept (a REPORT_MODEL or {runtime.settings.reply_limit_variable(step)} value this model does not "
+        "take, say).", "BadRequest")
+
+
+def _unreachable(topic: str, step: str, error: openai.APIConnectionError, attempts: int) -> openai.APIConnectionError:
+    """The connection error a call gives up with, naming the server and the setting that points at it. Still an
+    ``APIConnectionError``, which Flyte retries: a server restarting may be back by then."""
+    cause = error.__cause__
+    why = f" ({redact(str(cause) or type(cause).__name__)})" if cause is not None else ""
+    return openai.APIConnectionError(
+        message=f"{topic}: the {step} could not reach the model server at {_server()} after {attempts} attempt(s)"
+                f"{why}. Is it still running? Check OPENAI_BASE_URL, or unset it and OPENAI_API_KEY to use the "
+                "offline model.",
+        request=error.request)
+
+
+def _server() -> str:
+    """The server's URL for messages, without a user or password it may carry (``http://user:secret@host``)."""
+    return re.sub(r"//[^/@]*@", "//", runtime.settings.endpoint)
+
+
 def redact(text: str) -> str:
     """Servers sometimes echo the key they rejected; it must not reach a report, a log or a notebook."""
     key = os.environ.get("OPENAI_API_KEY", "")
@@ -299,7 +384,7 @@ def check_backend(timeout: float = 10.0, *, fresh: bool = True) -> str:
     behind the same URL is seen). ``fresh=False`` keeps a model already named since the settings changed."""
     settings = runtime.settings
     settings.check_ready()
-    where = settings.endpoint
+    where = _server()
     try:
         return runtime.known_model if not fresh and runtime.known_model else runtime.resolve_model(timeout)
     except openai.AuthenticationError as error:

@@ -1,9 +1,10 @@
 """Progress events (``runtime.listening``) as console lines, one line per event worth a line.
 
 * ``print_notable``: a wait a person should know about: a retry, a call still waiting after
-  ``model_client.STILL_WAITING_AFTER`` seconds, a timeout, a reply cut off at its limit, a call given up
-  to Flyte's task retry (each naming the topic and the step), a pause for the server's rate limit, and a
-  reply naming another model than the one recorded. ``run_batch`` always listens with it,
+  ``model_client.STILL_WAITING_AFTER`` seconds, a timeout, a reply cut off at its limit (or stopped
+  short of it by a full context), a call given up to Flyte's task retry, if the task has one left
+  (each naming the topic and the step), a pause for the server's rate limit, and a reply naming
+  another model than the one recorded. ``run_batch`` always listens with it,
   so a terminal and a papermill log show them; ordinary steps print nothing, so an offline run's
   output does not change.
 * ``StepLines()``: a topic's ordinary steps (draft, each round's critique, score and revision,
@@ -15,6 +16,8 @@ The event shapes are in ``machinery.runtime``'s docstring.
 from __future__ import annotations
 
 from typing import Any
+
+from machinery.model_client import LARGER_CONTEXT
 
 
 def notable_line(event: dict[str, Any]) -> str | None:
@@ -30,11 +33,18 @@ def notable_line(event: dict[str, Any]) -> str | None:
         return f"  {topic}: the {call} got no reply within {event['seconds']:g} s (REPORT_REQUEST_TIMEOUT)"
     if step == "cut-off":
         again = ", even the shorter retry" if event.get("shorter") else ""
-        return f"  {topic}: the {call} was cut off at the reply limit of {event['limit']} tokens{again}"
+        limit, tokens = event["limit"], event.get("tokens")
+        if tokens is not None and tokens < limit:  # stopped short of its limit: the context was full
+            return (f"  {topic}: the {call} stopped after {tokens} tokens, before the reply limit of {limit} tokens"
+                    f"{again}: the model's context (prompt plus reply) is probably full; a larger context window "
+                    f"({LARGER_CONTEXT}) or shorter prompts would help")
+        return f"  {topic}: the {call} was cut off at the reply limit of {limit} tokens{again}"
     if step == "gave-up":
-        task = f" (its attempt {event['task_attempt'] + 1})" if event.get("task_attempt") else ""
-        return (f"  {topic}: the {call} failed after {event['attempts']} attempt(s) ({event['reason']}); "
-                f"Flyte retries the task{task}")
+        # Whether Flyte runs the task again depends on the retries it has left, which its context does not say.
+        attempt = event.get("task_attempt") or 0
+        task = f" in the task's attempt {attempt + 1}" if attempt else ""
+        return (f"  {topic}: the {call} failed after {event['attempts']} attempt(s) ({event['reason']}){task}; "
+                "Flyte retries the task if it has a retry left")
     if step == "other-model":
         return (f"  the server answered as model {event['reported']}, not {event['recorded']} "
                 "(summary.json lists it under reported_models)")

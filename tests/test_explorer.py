@@ -448,7 +448,7 @@ def test_a_calls_waits_show_in_the_step_column_without_moving_the_bar():
     assert shown == [("writing the draft", 0), ("waiting for the model (over 10 s)", 0),
                      ("retrying the draft (attempt 2)", 0), ("the draft was cut off", 0), ("critique", 1),
                      ("the critique timed out", 1),
-                     ("the critique failed after 4 attempts: Flyte retries the task", 1)]
+                     ("the critique failed after 4 attempts: Flyte retries the task if it has a retry left", 1)]
     assert "failed after 4 attempts" in ui.progress_table.value, "the table shows the latest"
     assert all(explorer.steps_done({"step": step}, 2) is None
                for step in ("still-waiting", "retrying", "cut-off", "timed-out", "gave-up")), "not steps: the bar stays"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 from typing import Any
 
@@ -24,9 +25,9 @@ from machinery.runtime import runtime
 SERVED = "qwen2.5-0.5b-instruct-q4_k_m.gguf"
 
 
-def small_model(**options: Any) -> offline_llm.OfflineServer:
-    """llama-server with a 0.5B model: one served name, no reply limit of its own, a 4096-token context."""
-    return offline_llm.OfflineServer(served_model=SERVED, ramble=True, context_tokens=4096, **options)
+def small_model(context_tokens: int = 4096, **options: Any) -> offline_llm.OfflineServer:
+    """llama-server with a 0.5B model: one served name, no reply limit of its own, a 4096-token context (its -c)."""
+    return offline_llm.OfflineServer(served_model=SERVED, ramble=True, context_tokens=context_tokens, **options)
 
 
 class SlowFor(offline_llm.OfflineServer):
@@ -165,6 +166,99 @@ def test_the_cli_shows_each_wait_and_the_timeout(tmp_path, api_key, capsys, monk
     assert "  Why cats purr: draft" in lines and "  Why cats purr: round 1 critique" in lines
     assert any(line.startswith("  Slow owls: ModelTimeout: Slow owls: the draft got no reply within 1 s")
                for line in lines), "the closing lines say it again, with what to change"
+
+
+# ----------------------------------------------------------------------------------------- small contexts, dead servers
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """The prompt's tokens, as the offline model counts them."""
+    return sum(offline_llm.estimate_tokens(message["content"]) for message in body["messages"])
+
+
+def test_a_reply_that_fills_a_small_context_is_not_blamed_on_the_reply_limit(tmp_path, api_key, capsys):
+    """A 600-token context: the revision's prompt leaves its reply some 200 tokens, far below the limit of 1500."""
+    with small_model(context_tokens=600) as server, \
+            served_by(server, reply_cache=None):
+        code = pipeline.main(["Some topic", "--out", str(tmp_path), "--run-id", "small", "--no-cache"])
+        revision, shorter = [r for r in server.received() if r.role == "reviser"]
+    lines = capsys.readouterr().out.splitlines()
+    stopped, again = (600 - prompt_tokens(r.body) for r in (revision, shorter))
+    assert code == 1 and 0 < again < stopped < 1500
+    assert (f"  Some topic: the revision stopped after {stopped} tokens, before the reply limit of 1500 tokens: the "
+            "model's context (prompt plus reply) is probably full; a larger context window (llama.cpp: -c, Ollama: "
+            "num_ctx) or shorter prompts would help") in lines
+    assert (f"  Some topic: the revision stopped after {again} tokens, before the reply limit of 1500 tokens, even "
+            "the shorter retry: the model's context") in "\n".join(lines)
+    (error,) = [line for line in lines if line.startswith("  Some topic: ReplyCutOff: ")]
+    assert error == (f"  Some topic: ReplyCutOff: Some topic: the revision stopped after {again} tokens, before the "
+                     'reply limit of 1500 tokens (finish_reason "length"), even though a shorter reply was asked for: '
+                     "the model's context (prompt plus reply) is probably full. Use a server or model with a larger "
+                     "context window (llama.cpp: -c, Ollama: num_ctx) or shorter prompts; raising "
+                     "REPORT_MAX_TOKENS_REPORT will not help.")
+    assert not any("Raise REPORT_MAX_TOKENS" in line or "at the reply limit" in line for line in lines)
+
+
+def test_a_prompt_beyond_a_small_context_fails_its_topic_at_once(tmp_path, api_key):
+    """A 100-token context: the draft stops early, its shorter retry's prompt no longer fits (HTTP 400)."""
+    events: list[dict[str, Any]] = []
+    with small_model(context_tokens=100) as server, served_by(server):
+        batch = pipeline.run_batch(["Some topic"], max_iterations=1, output_dir=tmp_path, run_id="tiny",
+                                   on_event=events.append, flyte_cache=False)
+        received = server.received()
+    (report,) = batch.reports
+    assert report.error.startswith("ContextExceeded: Some topic: the draft's request does not fit in the model's "
+                                   f"context window: the server at {server.base_url} answered HTTP 400 (request (")
+    assert "Use a server or model with a larger context window (llama.cpp: -c, Ollama: num_ctx)" in report.error
+    assert len(received) == 2, "the draft and its shorter retry, once: no client retry, no task retry"
+    assert [e for e in events if e["step"] == "cut-off"] == [
+        {"topic": "Some topic", "step": "cut-off", "call": "draft", "limit": 1500, "shorter": False,
+         "tokens": 100 - prompt_tokens(received[0].body)}]
+    assert not any(e["step"] == "gave-up" for e in events)
+
+
+class DiesAfter(offline_llm.OfflineServer):
+    """A small local model whose process dies after ``replies`` completions: the next request finds its
+    connection closed, every later one finds nobody listening."""
+
+    def __init__(self, replies: int) -> None:
+        super().__init__(served_model=SERVED)
+        self.replies_left, self.lock = replies, threading.Lock()
+
+    def handle(self, handler: Any, method: str, raw_body: bytes) -> None:
+        if method == "POST":
+            with self.lock:
+                self.replies_left -= 1
+                dying = self.replies_left == -1
+                dead = self.replies_left < 0
+            if dying:
+                threading.Thread(target=self.stop).start()  # not on this thread: stop waits for the server loop
+            if dead:
+                handler.close_connection = True
+                return
+        super().handle(handler, method, raw_body)
+
+
+@pytest.mark.slow  # Flyte's own backoff between the task's attempts: 0.5 + 1 + 2 s
+def test_a_server_that_dies_mid_run_is_named_and_no_line_promises_a_retry_it_may_not_get(tmp_path, api_key, capsys,
+                                                                                           monkeypatch):
+    monkeypatch.setattr(model_client, "BACKOFF_FIRST", 0.01)
+    with DiesAfter(replies=2) as server, served_by(server, client_retries=1):
+        code = pipeline.main(["Some topic", "--out", str(tmp_path), "--run-id", "dead", "--no-cache"])
+    lines = capsys.readouterr().out.splitlines()
+    gave_up = [line for line in lines if " failed after 2 attempt(s) (the connection failed)" in line]
+    assert code == 1 and len(gave_up) == 4, "refine_report's attempt and its 3 retries"
+    assert [re.sub(r".* failed after 2 attempt\(s\) \(the connection failed\)", "", line) for line in gave_up] == [
+        "; Flyte retries the task if it has a retry left",
+        " in the task's attempt 2; Flyte retries the task if it has a retry left",
+        " in the task's attempt 3; Flyte retries the task if it has a retry left",
+        " in the task's attempt 4; Flyte retries the task if it has a retry left",
+    ]
+    (error,) = [line for line in lines if line.startswith("  Some topic: APIConnectionError: ")]
+    assert f"could not reach the model server at {server.base_url} after 2 attempt(s) (" in error
+    assert error.endswith("Is it still running? Check OPENAI_BASE_URL, or unset it and OPENAI_API_KEY to use the "
+                          "offline model.")
+    assert api_key not in "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------- without run_batch

@@ -355,6 +355,17 @@ def test_an_unreachable_server_is_named(api_key):
     assert api_key not in message
 
 
+def test_a_password_in_the_servers_url_is_never_in_a_message(api_key, quick_backoff):
+    url = "http://reports:s3cret-pass@127.0.0.1:9/v1"  # port 9 (discard): nothing listens
+    with runtime.configured(backend="openai", base_url=url, model="m", client_retries=0):
+        with pytest.raises(BackendUnavailable) as caught:
+            check_backend(timeout=5)
+        error, _, _ = run_listened(request("Cats"))
+    assert "Cannot reach the model server at http://127.0.0.1:9/v1 (" in str(caught.value)
+    assert "could not reach the model server at http://127.0.0.1:9/v1 after 1 attempt(s)" in str(error)
+    assert "s3cret" not in str(caught.value) + str(error)
+
+
 def test_a_rejected_key_is_named_without_the_key(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", CANARY)
     with FaultyServer(echo_key_on_401="everything") as server, served_by(server), \
@@ -601,11 +612,93 @@ def test_retries_end_with_the_last_error_which_flyte_may_retry(quick_backoff):
                           "reason": "HTTP 503 from the server", "task_attempt": 0}, "giving up is said aloud"
 
 
-def test_a_400_is_not_retried():
+def test_a_400_is_retried_neither_by_the_client_nor_by_flyte():
     transport = Failing(400)
     with runtime.use_transport(transport):
         error, usage, events = run_listened(request("Cats"))
-    assert isinstance(error, openai.BadRequestError) and transport.attempts == 1 and events == []
+    assert isinstance(error, model_client.RequestRejected) and isinstance(error, flyte.errors.NonRecoverableError)
+    assert error.code == "BadRequest" and transport.attempts == 1 and events == []
+
+
+class Rejecting(offline_llm.OfflineTransport):
+    """A server that answers every request with HTTP ``status`` and the error object ``error``."""
+
+    def __init__(self, error: dict[str, Any], status: int = 400) -> None:
+        super().__init__()
+        self.error, self.status, self.attempts = error, status, 0
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        self.attempts += 1
+        return httpx2.Response(self.status, json={"error": self.error})
+
+
+def small_context(context_tokens: int) -> offline_llm.OfflineServer:
+    """A small local model as llama.cpp serves one: prompt and reply share ``context_tokens`` (its ``-c``)."""
+    return offline_llm.OfflineServer(ramble=True, context_tokens=context_tokens)
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """The prompt's tokens, as the offline model counts them."""
+    return sum(offline_llm.estimate_tokens(message["content"]) for message in body["messages"])
+
+
+def test_a_request_too_long_for_the_models_context_fails_at_once_and_says_what_to_do(api_key):
+    body = request("Cats", max_tokens=100)
+    tokens = prompt_tokens(body)
+    with small_context(tokens - 5) as server, served_by(server, client_retries=3):
+        error, usage, events = run_listened(body)
+        sent = server.stats().requests
+    assert isinstance(error, model_client.RequestRejected) and isinstance(error, flyte.errors.NonRecoverableError)
+    assert error.code == "ContextExceeded"
+    assert (sent, usage.requests, usage.retries) == (1, 1, 0) and events == [], "asked once: a retry gets the same 400"
+    assert describe_error(error) == (
+        f"ContextExceeded: Cats: the draft's request does not fit in the model's context window: the server at "
+        f"{server.base_url} answered HTTP 400 (request ({tokens} tokens) exceeds the available context size "
+        f"({tokens - 5} tokens)). Use a server or model with a larger context window (llama.cpp: -c, Ollama: "
+        "num_ctx) or shorter prompts. A retry would be rejected the same way, so neither the client nor Flyte "
+        "retries it.")
+
+
+def test_openais_context_length_error_is_named_the_same_way():
+    transport = Rejecting({"message": "This model's maximum context length is 8192 tokens. However, your messages "
+                                      "resulted in 9001 tokens. Please reduce the length of the messages.",
+                           "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"})
+    with runtime.use_transport(transport):
+        error, _, _ = run_listened(request("Cats"), step="revision")
+    assert error.code == "ContextExceeded" and transport.attempts == 1
+    assert str(error).startswith("Cats: the revision's request does not fit in the model's context window: the "
+                                 "server at offline answered HTTP 400 (This model's maximum context length is 8192")
+
+
+def test_any_other_400_fails_at_once_in_the_servers_words_and_never_with_the_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", CANARY)
+    transport = Rejecting({"message": f"Unsupported value: 'response_format' for key {CANARY}",
+                           "type": "invalid_request_error", "param": "response_format"})
+    with runtime.use_transport(transport), runtime.configured(client_retries=3):
+        error, usage, events = run_listened(request("Cats"), step="critique")
+    assert isinstance(error, model_client.RequestRejected) and isinstance(error, flyte.errors.NonRecoverableError)
+    assert transport.attempts == 1 and events == []
+    assert describe_error(error) == (
+        "BadRequest: Cats: the server at offline rejected the critique's request (HTTP 400: Unsupported value: "
+        "'response_format' for key [API key]). A retry would be rejected the same way, so neither the client nor "
+        "Flyte retries it: the server's message says what it did not accept (a REPORT_MODEL or "
+        "REPORT_MAX_TOKENS_CRITIQUE value this model does not take, say).")
+
+
+def test_a_server_gone_mid_run_is_named_with_the_setting_to_check(api_key, quick_backoff):
+    with offline_llm.OfflineServer() as server, served_by(server, client_retries=1):
+        assert runtime.model_name == offline_llm.MODEL_VERSION, "asked while the server ran"
+        server.stop()  # it dies mid-run
+        error, usage, events = run_listened(request("Cats"))
+    assert isinstance(error, openai.APIConnectionError) and not isinstance(error, flyte.errors.NonRecoverableError), \
+        "still recoverable: a restarted server may answer Flyte's retry"
+    message = describe_error(error)
+    assert message.startswith(f"APIConnectionError: Cats: the draft could not reach the model server at "
+                              f"{server.base_url} after 2 attempt(s) (")
+    assert message.endswith("). Is it still running? Check OPENAI_BASE_URL, or unset it and OPENAI_API_KEY to use "
+                            "the offline model.")
+    assert api_key not in message and (usage.requests, usage.retries) == (2, 1)
+    assert [event["step"] for event in events] == ["retrying", "gave-up"]
 
 
 def test_a_retry_waits_what_the_server_names():
@@ -757,12 +850,68 @@ class CutFirstDraft(offline_llm.OfflineTransport):
             "usage": {"prompt_tokens": 50, "completion_tokens": body["max_tokens"], "total_tokens": 0}})
 
 
-def test_a_reply_cut_off_survives_pickling():
+def test_a_reply_cut_off_and_a_rejected_request_survive_pickling():
     import pickle
 
     error = model_client.ReplyCutOff("Cats", "critique", 500, "REPORT_MAX_TOKENS_CRITIQUE")
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.limit, copy.setting, str(copy), copy.code) == (500, error.setting, str(error), "ReplyCutOff")
+    stopped = model_client.ReplyCutOff("Cats", "revision", 1500, "REPORT_MAX_TOKENS_REPORT", True, tokens=210)
+    copy = pickle.loads(pickle.dumps(stopped))
+    assert (copy.tokens, copy.shorter, str(copy)) == (210, True, str(stopped))
+    rejected = model_client.RequestRejected("Cats: too long", "ContextExceeded")
+    copy = pickle.loads(pickle.dumps(rejected))
+    assert (str(copy), copy.code) == ("Cats: too long", "ContextExceeded")
+
+
+def test_a_reply_stopped_by_a_full_context_says_so_and_not_to_raise_the_limit(api_key):
+    """A small local model's context (prompt plus reply) fills before the reply limit: the reply stops with
+    finish_reason "length" after fewer tokens than max_tokens. A higher limit would not help."""
+    body = request("Cats", max_tokens=1500)
+    room = 200 - prompt_tokens(body)
+    with small_context(200) as server, served_by(server):
+        error, usage, events = run_listened(body)
+    assert isinstance(error, model_client.ReplyCutOff) and isinstance(error, flyte.errors.NonRecoverableError)
+    assert (error.limit, error.tokens, error.setting) == (1500, room, "REPORT_MAX_TOKENS_REPORT")
+    assert describe_error(error) == (
+        f'ReplyCutOff: Cats: the draft stopped after {room} tokens, before the reply limit of 1500 tokens '
+        '(finish_reason "length"): the model\'s context (prompt plus reply) is probably full. Use a server or model '
+        'with a larger context window (llama.cpp: -c, Ollama: num_ctx) or shorter prompts; raising '
+        'REPORT_MAX_TOKENS_REPORT will not help.')
+    assert events == [{"topic": "Cats", "step": "cut-off", "call": "draft", "limit": 1500, "shorter": False,
+                       "tokens": room}]
+    assert (usage.requests, usage.cut_off, usage.completion_tokens) == (1, 1, room)
+
+
+def test_a_cut_off_reply_that_does_not_say_its_length_keeps_the_reply_limit_message():
+    with runtime.use_transport(NoUsageTransport()):
+        error, _, events = run_listened(request("Cats", max_tokens=20))
+    assert str(error) == ('Cats: the draft hit the reply limit of 20 tokens and was cut off (finish_reason "length"). '
+                          'Raise REPORT_MAX_TOKENS_REPORT for longer replies.')
+    assert events == [{"topic": "Cats", "step": "cut-off", "call": "draft", "limit": 20, "shorter": False}]
+
+
+def test_a_rerun_of_a_reply_stopped_by_a_full_context_says_so_again_without_any_request(api_key, tmp_path):
+    body = request("Cats", max_tokens=1500)
+
+    def shorter_draft() -> Any:
+        async def go():
+            try:
+                return await complete(body, topic="Cats", step="draft", retry_shorter=True)
+            except model_client.ReplyCutOff as cut:
+                return cut
+        return asyncio.run(go())
+
+    with small_context(200) as server, served_by(server, reply_cache=tmp_path / "replies.sqlite3"):
+        first = shorter_draft()
+        again = shorter_draft()
+        received = server.received()
+    assert len(received) == 2, "the draft and its shorter retry; the rerun sends nothing"
+    assert isinstance(first, model_client.ReplyCutOff) and first.shorter
+    assert first.tokens == 200 - prompt_tokens(received[1].body), "where the shorter retry's context was full"
+    assert str(first).startswith(f"Cats: the draft stopped after {first.tokens} tokens, before the reply limit of "
+                                 '1500 tokens (finish_reason "length"), even though a shorter reply was asked for: ')
+    assert isinstance(again, model_client.ReplyCutOff) and str(again) == str(first)
 
 
 def test_a_reply_within_its_limit_is_not_cut():
@@ -781,3 +930,13 @@ def test_every_call_adds_to_the_batch_counts_failed_ones_too(quick_backoff):
         "requests": 4, "retries": 1, "timed_out": 1, "cut_off": 1}
     runtime.start_batch()
     assert runtime.batch_usage.snapshot() == {}
+
+
+def test_a_cut_off_reply_gives_its_reason_for_a_larger_message():
+    """What critique_draft quotes when even the repair is cut: the setting to raise, or the context that is full."""
+    at_limit = model_client.ReplyCutOff("Cats", "critique", 500, "REPORT_MAX_TOKENS_CRITIQUE")
+    early = model_client.ReplyCutOff("Cats", "critique", 500, "REPORT_MAX_TOKENS_CRITIQUE", tokens=210)
+    assert at_limit.reason == ("the reply hit the limit of 500 tokens "
+                               "(raise REPORT_MAX_TOKENS_CRITIQUE for longer replies)")
+    assert early.reason.startswith("the reply stopped after 210 tokens, before the limit of 500: the model's context")
+    assert "REPORT_MAX_TOKENS_CRITIQUE" not in early.reason and model_client.LARGER_CONTEXT in early.reason

@@ -246,6 +246,7 @@ class CutOff(ScriptedTransport):
         payload = json.loads(response.content)
         choice = payload["choices"][0]
         choice["message"]["content"], choice["finish_reason"] = choice["message"]["content"][:40], "length"
+        payload["usage"]["completion_tokens"] = json.loads(request.content)["max_tokens"]  # as a server's limit ends it
         return httpx2.Response(200, json=payload)
 
 

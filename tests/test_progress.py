@@ -18,12 +18,27 @@ NOTABLE = [
      "  Cats: the summary was cut off at the reply limit of 400 tokens"),
     ({"topic": "Cats", "step": "cut-off", "call": "summary", "limit": 400, "shorter": True},
      "  Cats: the summary was cut off at the reply limit of 400 tokens, even the shorter retry"),
+    ({"topic": "Cats", "step": "cut-off", "call": "summary", "limit": 400, "tokens": 400},
+     "  Cats: the summary was cut off at the reply limit of 400 tokens"),
+    # Stopped before its limit: the server's context (prompt plus reply) was full, not the limit reached.
+    ({"topic": "Cats", "step": "cut-off", "call": "revision", "limit": 1500, "tokens": 210},
+     "  Cats: the revision stopped after 210 tokens, before the reply limit of 1500 tokens: the model's context "
+     "(prompt plus reply) is probably full; a larger context window (llama.cpp: -c, Ollama: num_ctx) or shorter "
+     "prompts would help"),
+    ({"topic": "Cats", "step": "cut-off", "call": "draft", "limit": 1500, "tokens": 90, "shorter": True},
+     "  Cats: the draft stopped after 90 tokens, before the reply limit of 1500 tokens, even the shorter retry: the "
+     "model's context (prompt plus reply) is probably full; a larger context window (llama.cpp: -c, Ollama: num_ctx) "
+     "or shorter prompts would help"),
+    # Whether Flyte retries the task is Flyte's to decide (the task's retries, which its context does not say):
+    # the line names the task's attempt and promises nothing.
     ({"topic": "Cats", "step": "gave-up", "call": "draft", "attempts": 4, "reason": "HTTP 500 from the server",
       "task_attempt": 0},
-     "  Cats: the draft failed after 4 attempt(s) (HTTP 500 from the server); Flyte retries the task"),
+     "  Cats: the draft failed after 4 attempt(s) (HTTP 500 from the server); Flyte retries the task if it has a "
+     "retry left"),
     ({"topic": "Cats", "step": "gave-up", "call": "draft", "attempts": 4, "reason": "an empty reply",
       "task_attempt": 1},
-     "  Cats: the draft failed after 4 attempt(s) (an empty reply); Flyte retries the task (its attempt 2)"),
+     "  Cats: the draft failed after 4 attempt(s) (an empty reply) in the task's attempt 2; Flyte retries the task "
+     "if it has a retry left"),
     ({"topic": None, "step": "other-model", "reported": "llama-3-8b", "recorded": "qwen"},
      "  the server answered as model llama-3-8b, not qwen (summary.json lists it under reported_models)"),
     ({"topic": None, "step": "rate-limited", "seconds": 2.0, "reason": "HTTP 429 from the server, retry after 2.0 s"},
