@@ -328,8 +328,9 @@ class Pace:
         if seconds < 1e-6:  # rounding: the clock has moved on enough
             return None
         budget = self._budgets[kind]
-        return seconds, (f"the server's {kind} budget is spent (x-ratelimit-remaining-{kind}: {budget.remaining}"
-                         f" of {budget.limit} per minute): the next request in {_duration(seconds)}")
+        return seconds, (f"the server's {kind} budget of {budget.limit} a minute is spent (its last reply said "
+                         f"{budget.remaining} left, before the requests sent since): the next request in "
+                         f"{_duration(seconds)}")
 
     async def _wait_out_pause(self) -> None:
         held = False

@@ -320,6 +320,29 @@ def test_spacing_keeps_up_with_a_fast_servers_rate():
     assert 0.35 <= spread <= 1.0, spread
 
 
+def test_a_pause_for_a_spent_budget_says_what_the_server_said_and_why_it_is_spent():
+    """A reply said 1 left; the three sent since spend it: the reason names both, not a contradiction."""
+    reasons = []
+    one_left = {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "1",
+                "x-ratelimit-reset-requests": "4s"}
+    pace = Pace(ceiling=8, patience=30, on_pause=lambda seconds, reason: reasons.append(reason))
+    server = Server(lambda n, request: ok(one_left) if n == 0 else ok(), latency=0.02)
+
+    async def scenario():
+        first = asyncio.ensure_future(send(pace, server, b"first"))
+        await asyncio.sleep(0.005)  # sent after the first, before its reply
+        await send(pace, server, *bodies(3))
+        await first
+        waiting = asyncio.ensure_future(send(pace, server, b"next"))
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+
+    asyncio.run(scenario())
+    said = ("the server's requests budget of 60 a minute is spent (its last reply said 1 left, before the requests "
+            "sent since): the next request in ")
+    assert reasons and reasons[0].startswith(said), reasons
+
+
 def test_a_token_budget_with_a_limit_waits_for_the_tokens_a_request_needs():
     """6,000 tokens a minute (100 a second), 0 left: a request of about 10 tokens waits about 0.1 s."""
     spent = {"x-ratelimit-limit-tokens": "6000", "x-ratelimit-remaining-tokens": "0",
