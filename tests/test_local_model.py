@@ -248,12 +248,10 @@ def test_a_server_that_dies_mid_run_is_named_and_no_line_promises_a_retry_it_may
     lines = capsys.readouterr().out.splitlines()
     gave_up = [line for line in lines if " failed after 2 attempt(s) (the connection failed)" in line]
     assert code == 1 and len(gave_up) == 4, "refine_report's attempt and its 3 retries"
+    # A local run does not number the task's attempts (a cluster's containers are told theirs), and Flyte's
+    # context does not say how many retries are left: no line may promise one.
     assert [re.sub(r".* failed after 2 attempt\(s\) \(the connection failed\)", "", line) for line in gave_up] == [
-        "; Flyte retries the task if it has a retry left",
-        " in the task's attempt 2; Flyte retries the task if it has a retry left",
-        " in the task's attempt 3; Flyte retries the task if it has a retry left",
-        " in the task's attempt 4; Flyte retries the task if it has a retry left",
-    ]
+        "; Flyte retries the task if it has a retry left"] * 4
     (error,) = [line for line in lines if line.startswith("  Some topic: APIConnectionError: ")]
     assert f"could not reach the model server at {server.base_url} after 2 attempt(s) (" in error
     assert error.endswith("Is it still running? Check OPENAI_BASE_URL, or unset it and OPENAI_API_KEY to use the "
