@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import itertools
@@ -96,12 +95,8 @@ def claim_free_dir(wanted: Path) -> Path:
 
 
 def replace_dir(staging: Path, final: Path) -> None:
-    """Move a fully written ``staging`` folder to ``final``, replacing what was there; an empty folder (as
-    ``claim_free_dir`` makes) is replaced in one step, so nobody else can claim the name in between."""
+    """Move a fully written ``staging`` folder to ``final``, replacing what was there."""
     if final.exists():
-        with contextlib.suppress(OSError):  # not empty
-            os.replace(staging, final)
-            return
         retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
         os.replace(final, retired / final.name)
         os.replace(staging, final)

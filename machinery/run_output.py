@@ -9,11 +9,14 @@ this run (429s, seconds paused, the most requests in flight).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import html
 import json
+import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,12 +132,40 @@ def save_run(batch: BatchResult, replace: bool = True) -> BatchResult:
     ``replace=False`` (a run named by the time): an existing ``run_dir`` is another run's, started in the same
     second, and is kept; this one is saved as ``<run_id>-2`` (``-3``...), the first name free.
     """
-    claimed = None
-    if not replace:
+    if replace:
+        _write(batch, replace_dir)
+        return batch
+    while True:
         claimed = claim_free_dir(batch.run_dir)
-        batch = dataclasses.replace(batch, run_id=claimed.name, run_dir=claimed)
-    staging = staging_dir_for(batch.run_dir)
+        saved = dataclasses.replace(batch, run_id=claimed.name, run_dir=claimed)
+        try:
+            _write(saved, _move_into_claim)
+            return saved
+        except _Taken:  # a run named like this one (--run-id) moved in first: it stays, this one takes the next name
+            continue
+        finally:
+            with contextlib.suppress(OSError):  # only while empty: never a saved run's folder
+                os.rmdir(claimed)
+
+
+class _Taken(Exception):
+    """The folder claimed for a run was filled by another run before this one moved in."""
+
+
+def _move_into_claim(staging: Path, claimed: Path) -> None:
     try:
+        os.replace(staging, claimed)  # onto the empty folder claimed, in one step
+    except OSError as error:
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise _Taken from error
+        raise
+
+
+def _write(batch: BatchResult, move: Callable[[Path, Path], None]) -> None:
+    """Build the run folder aside, then ``move`` it to ``batch.run_dir``; a failure leaves no staging folder."""
+    staging = None
+    try:
+        staging = staging_dir_for(batch.run_dir)
         for report in batch.reports:
             if report.files is None:
                 continue
@@ -145,10 +176,8 @@ def save_run(batch: BatchResult, replace: bool = True) -> BatchResult:
         atomic_write_text(
             staging / "summary.json", json.dumps(summary_document(batch), indent=2, ensure_ascii=False) + "\n"
         )
-        replace_dir(staging, batch.run_dir)
+        move(staging, batch.run_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if claimed is not None:
-            shutil.rmtree(claimed, ignore_errors=True)  # still empty: the staging folder never replaced it
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
-    return batch

@@ -151,6 +151,38 @@ def test_a_failed_save_that_may_not_replace_leaves_no_folder(batch, tmp_path):
     assert list(batch.run_dir.parent.iterdir()) == []
 
 
+def test_a_run_named_so_that_moves_in_first_keeps_its_folder(batch, monkeypatch):
+    """Between claiming r1 and moving in, a run saved with the explicit id r1 took it: that run is kept, and this
+    one is written again as r1-2 (its summary says so), not put in its place."""
+    import machinery.run_output as run_output
+
+    claim = run_output.claim_free_dir
+
+    def claim_then_lose(wanted):
+        claimed = claim(wanted)
+        if claimed.name == "r1":  # another process saves a run it named r1, now
+            save_run(BatchResult(**{**batch.__dict__, "reports": batch.reports[1:2], "cached_topics": []}))
+        return claimed
+
+    monkeypatch.setattr(run_output, "claim_free_dir", claim_then_lose)
+    saved = save_run(batch, replace=False)
+    assert saved.run_id == "r1-2" and json.loads(saved.summary_path.read_text(encoding="utf-8"))["run_id"] == "r1-2"
+    assert len(json.loads(batch.summary_path.read_text(encoding="utf-8"))["topics"]) == 1, "the other run, kept"
+    assert sorted(p.name for p in batch.run_dir.parent.iterdir()) == ["r1", "r1-2"]
+
+
+def test_a_save_that_fails_before_its_staging_folder_leaves_no_claimed_folder(batch, monkeypatch):
+    import machinery.run_output as run_output
+
+    def no_space(final):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_output, "staging_dir_for", no_space)
+    with pytest.raises(OSError, match="No space"):
+        save_run(batch, replace=False)
+    assert list(batch.run_dir.parent.iterdir()) == []
+
+
 def test_a_failed_save_leaves_the_previous_run_and_no_staging_folder(batch, tmp_path):
     save_run(batch)
     before = batch.summary_path.read_bytes()
