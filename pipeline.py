@@ -224,7 +224,7 @@ async def critique_draft(topic: str, draft: str) -> Critique:
     except ValidationError as error:
         problem = validation_summary(error)
     except ReplyCutOff as cut:  # its JSON stops mid-way: as invalid as any other
-        problem = f"it was cut off at the limit of {cut.limit} tokens; keep every string short"
+        problem = f"it was cut off at the limit of {cut.tokens or cut.limit} tokens; keep every string short"
     repair = (
         f"Topic: {topic}\n\nYour previous reply could not be used: {problem}\n"
         f"Reply again with one JSON object with exactly the keys {', '.join(Critique.model_fields)}."
@@ -428,8 +428,8 @@ async def report_batch_pipeline(
 ) -> list[TopicReport]:
     """Refine every topic concurrently, then format every report concurrently."""
     topics = validate_batch(topics, max_iterations, quality_threshold)  # `flyte run` comes straight here
-    check_backend(fresh=False)  # so a server that cannot be used fails here, clearly (run_batch has just asked)
     report_date = report_date_or_today(report_date)
+    check_backend(fresh=False)  # so a server that cannot be used fails here, clearly (run_batch has just asked)
 
     # return_exceptions=True: a failed topic becomes a value, and its siblings run to completion.
     with flyte.group("refine_all"):
@@ -481,9 +481,9 @@ def run_batch(
     """
     topics = validate_batch(topics, max_iterations, quality_threshold)  # fail before the backend check
     report_date = report_date_or_today(report_date)
-    output_dir = writable_folder(output_dir or runtime.settings.reports_dir)  # now, not after every model call
     timed = not run_id  # a run named by the time never replaces another (same second: -2, -3...)
     run_id = validate_run_id(run_id or dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    output_dir = writable_folder(output_dir or runtime.settings.reports_dir)  # now, not after every model call
     check_backend()  # which model the server serves now, in one cheap request: fail once, not once per topic
     runtime.announce_backend()
     runtime.init_flyte()

@@ -21,8 +21,9 @@
   never stored in the cache (a marker is, so a rerun skips the request); with ``retry_shorter`` the
   request is sent once more with ``SHORTER`` added to its instructions; then it raises ``ReplyCutOff``,
   naming the setting that raises the limit. A reply that stopped so, but after fewer tokens than
-  ``max_tokens``, filled the model's context (prompt plus reply; a small local model's): its
-  ``ReplyCutOff`` says so, and that a larger context, not a higher limit, helps;
+  ``max_tokens``, filled the model's context (prompt plus reply; a small local model's): the shorter
+  request asks for what the context left room for, its ``ReplyCutOff`` says that a larger context, not a
+  higher limit, helps, and no marker is kept (a larger context behind the same URL must be tried);
 * fails at once, with ``RequestRejected`` that Flyte does not retry, on an HTTP 400: the same request
   would be rejected again. A prompt too long for the model's context (``ContextExceeded``) says what to
   change; any other (``BadRequest``) quotes the server;
@@ -202,7 +203,8 @@ async def complete(request: dict[str, Any], *, topic: str, step: str, retry_shor
         if not retry_shorter:
             raise
         system, *rest = request["messages"]
-        shorter = {**system, "content": system["content"] + SHORTER.format(limit=cut.limit, words=cut.limit // 2)}
+        room = cut.limit if cut.tokens is None else cut.tokens  # a full context left room for only so many
+        shorter = {**system, "content": system["content"] + SHORTER.format(limit=room, words=room // 2)}
         return await _complete({**request, "messages": [shorter, *rest]}, topic, step, shorter=True)
 
 
@@ -220,9 +222,7 @@ async def _complete(request: dict[str, Any], topic: str, step: str, shorter: boo
         return hit.content
     if cache is not None and (marker := cache.get(cut_off_key)) is not None:
         _record(Usage(cache_hits=1))
-        stopped = marker.completion_tokens  # the limit, or the fewer tokens a full context stopped the reply at
-        setting = runtime.settings.reply_limit_variable(step)
-        raise ReplyCutOff(topic, step, request.get("max_tokens") or stopped, setting, shorter, tokens=stopped)
+        raise ReplyCutOff(topic, step, marker.completion_tokens, runtime.settings.reply_limit_variable(step), shorter)
     usage = Usage()
     # One event per call, however many attempts it takes, if the wait gets long enough to wonder about.
     still_waiting = asyncio.get_running_loop().call_later(
@@ -232,9 +232,10 @@ async def _complete(request: dict[str, Any], topic: str, step: str, shorter: boo
         with pacing.queue_time() as queued:  # the deadline is the server's time: the pace's queue is left out
             text = await _attempts(request, topic, step, usage, shorter, queued)
     except ReplyCutOff as cut:
-        if cache is not None:  # the marker keeps where it stopped; the cut-off text itself is never served
-            stopped = cut.limit if cut.tokens is None else cut.tokens
-            cache.put(cut_off_key, CachedReply("", usage.prompt_tokens, stopped))
+        # A marker, never the cut-off text, and only for the limit, which is in the request: a full context is
+        # fixed by a larger one behind the same URL, which the cache's key would not see.
+        if cache is not None and cut.tokens is None:
+            cache.put(cut_off_key, CachedReply("", usage.prompt_tokens, cut.limit))
         raise
     finally:  # failed calls count too: summary.json's totals say what a batch really sent
         still_waiting.cancel()
@@ -266,7 +267,7 @@ async def _attempts(request: dict[str, Any], topic: str, step: str, usage: Usage
             raise _timed_out(topic, step, usage) from None
         except openai.APIStatusError as error:
             if (mark := error.response.headers.get(pacing.MARK)) is not None:  # the pace stopped waiting
-                message = runtime.pace.explain(error.response, _server())
+                message = runtime.pace.explain(error.response, runtime.settings.shown_endpoint)
                 raise ServerLimitError(redact(message), "QuotaExceeded" if mark == "quota" else "RateLimited") from None
             if error.status_code == 400:  # the same request gets the same answer: no retry helps
                 raise _rejected(topic, step, error) from None
@@ -336,17 +337,18 @@ def _rejected(topic: str, step: str, error: openai.APIStatusError) -> RequestRej
     """The error for an HTTP 400, in the server's words (without the key): what does not fit, or what it refused."""
     body = error.body if isinstance(error.body, dict) else {}
     said = redact(str(body.get("message") or error.message))
+    server, limit = runtime.settings.shown_endpoint, runtime.settings.reply_limit_variable(step)
     if {body.get("type"), body.get("code")} & set(CONTEXT_ERRORS) or CONTEXT_WORDS.search(said):
         return RequestRejected(
-            f"{topic}: the {step}'s request does not fit in the model's context window: the server at {_server()} "
-            f"answered HTTP 400 ({said}). Use a server or model with a larger context window ({LARGER_CONTEXT}) or "
-            "shorter prompts. A retry would be rejected the same way, so neither the client nor Flyte retries it.",
+            f"{topic}: the {step}'s request does not fit in the model's context window: the server at {server} "
+            f"answered HTTP 400 ({said}). Use a server or model with a larger context window ({LARGER_CONTEXT}), a "
+            f"lower {limit} (servers like vLLM and OpenAI's count the reply's limit in) or shorter prompts. A retry "
+            "would be rejected the same way, so neither the client nor Flyte retries it.",
             "ContextExceeded")
     return RequestRejected(
-        f"{topic}: the server at {_server()} rejected the {step}'s request (HTTP 400: {said}). A retry would be "
+        f"{topic}: the server at {server} rejected the {step}'s request (HTTP 400: {said}). A retry would be "
         "rejected the same way, so neither the client nor Flyte retries it: the server's message says what it did "
-        f"not accept (a REPORT_MODEL or {runtime.settings.reply_limit_variable(step)} value this model does not "
-        "take, say).", "BadRequest")
+        f"not accept (a REPORT_MODEL or {limit} value this model does not take, say).", "BadRequest")
 
 
 def _unreachable(topic: str, step: str, error: openai.APIConnectionError, attempts: int) -> openai.APIConnectionError:
@@ -355,15 +357,10 @@ def _unreachable(topic: str, step: str, error: openai.APIConnectionError, attemp
     cause = error.__cause__
     why = f" ({redact(str(cause) or type(cause).__name__)})" if cause is not None else ""
     return openai.APIConnectionError(
-        message=f"{topic}: the {step} could not reach the model server at {_server()} after {attempts} attempt(s)"
-                f"{why}. Is it still running? Check OPENAI_BASE_URL, or unset it and OPENAI_API_KEY to use the "
-                "offline model.",
+        message=f"{topic}: the {step} could not reach the model server at {runtime.settings.shown_endpoint} after "
+                f"{attempts} attempt(s){why}. Is it still running? Check OPENAI_BASE_URL, or unset it and "
+                "OPENAI_API_KEY to use the offline model.",
         request=error.request)
-
-
-def _server() -> str:
-    """The server's URL for messages, without a user or password it may carry (``http://user:secret@host``)."""
-    return re.sub(r"//[^/@]*@", "//", runtime.settings.endpoint)
 
 
 def redact(text: str) -> str:
@@ -384,7 +381,7 @@ def check_backend(timeout: float = 10.0, *, fresh: bool = True) -> str:
     behind the same URL is seen). ``fresh=False`` keeps a model already named since the settings changed."""
     settings = runtime.settings
     settings.check_ready()
-    where = _server()
+    where = runtime.settings.shown_endpoint
     try:
         return runtime.known_model if not fresh and runtime.known_model else runtime.resolve_model(timeout)
     except openai.AuthenticationError as error:

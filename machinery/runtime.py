@@ -236,7 +236,7 @@ class Runtime:
 
     def _served_model(self, listed: tuple[str, ...]) -> tuple[str, str | None]:
         """The model that writes, and a note when ``REPORT_MODEL`` names another."""
-        where, chosen = self._settings.endpoint, self._settings.model
+        where, chosen = self._settings.shown_endpoint, self._settings.model
         if len(listed) == 1:
             served = listed[0]
             note = None if chosen in (None, served) else (

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
@@ -161,7 +162,7 @@ class Settings:
         value = getattr(self, field)
         if refused or not isinstance(value, str | os.PathLike) or not str(value).strip():
             raise ValueError(f"{self._named(field)} {rule}")
-        return Path(value)
+        return Path(value).expanduser()  # "~/reports" as from_env reads it
 
     def changed(self, **changes: Any) -> Self:
         """These settings with ``changes`` (field names, as in ``Settings(...)``), checked: a ``TypeError`` for
@@ -180,6 +181,11 @@ class Settings:
         if self.backend == "offline":
             return "offline"
         return self.base_url.rstrip("/") if self.base_url else OPENAI_URL  # ".../v1/" is the same server
+
+    @property
+    def shown_endpoint(self) -> str:
+        """``endpoint`` for messages: without a user or password it may carry (``http://user:secret@host``)."""
+        return re.sub(r"//[^/@]*@", "//", self.endpoint)
 
     @property
     def model_name(self) -> str | None:
@@ -210,8 +216,8 @@ class Settings:
         if self.backend == "offline":
             return f"offline model {self.model_name} (built in, deterministic, no network)"
         if name := model or self.model_name:
-            return f"model {name} at {self.endpoint} (OpenAI-compatible)"
-        return f"model served at {self.endpoint} (OpenAI-compatible)"  # its name not asked for yet
+            return f"model {name} at {self.shown_endpoint} (OpenAI-compatible)"
+        return f"model served at {self.shown_endpoint} (OpenAI-compatible)"  # its name not asked for yet
 
     def check_ready(self) -> None:
         """Fail before any work if the chosen backend cannot work."""

@@ -277,8 +277,8 @@ def test_run_batch_rejects_before_any_llm_call(topics, iterations, threshold, tm
 @pytest.mark.parametrize("run_id", ["../escape", ".hidden", "a/b"])
 def test_a_bad_run_id_is_rejected_before_any_llm_call(run_id, tmp_path):
     with scripted_model() as transport, pytest.raises(ValueError, match="run_id"):
-        pipeline.run_batch(["Cats"], output_dir=tmp_path, run_id=run_id)
-    assert transport.log == [] and list(tmp_path.iterdir()) == []
+        pipeline.run_batch(["Cats"], output_dir=tmp_path / "reports", run_id=run_id)
+    assert transport.log == [] and list(tmp_path.iterdir()) == [], "not even the output folder is made"
 
 
 def test_an_unreachable_server_stops_the_batch_before_any_topic(tmp_path, monkeypatch):

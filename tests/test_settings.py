@@ -244,3 +244,15 @@ def test_describe_says_which_model_writes():
 def test_project_root_is_the_repository():
     assert (PROJECT_ROOT / "pipeline.py").is_file() and (PROJECT_ROOT / "machinery").is_dir()
     assert Path(PROJECT_ROOT).is_absolute()
+
+
+def test_a_user_and_password_in_the_server_url_are_never_shown():
+    settings = Settings(backend="openai", base_url="http://reports:s3cret@127.0.0.1:8000/v1/")
+    assert settings.shown_endpoint == "http://127.0.0.1:8000/v1" and "s3cret" in settings.endpoint
+    assert settings.describe("m") == "model m at http://127.0.0.1:8000/v1 (OpenAI-compatible)"
+    assert "s3cret" not in settings.describe()
+
+
+def test_a_home_folder_path_from_python_is_expanded_as_from_the_environment():
+    assert Settings(reports_dir="~/reports").reports_dir == Path.home() / "reports"
+    assert Settings(reply_cache="~/replies.sqlite3").reply_cache == Path.home() / "replies.sqlite3"
