@@ -24,13 +24,9 @@ OPENAI_URL = "https://api.openai.com/v1"
 OFF = ("off", "0", "false", "no", "none")
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"  # at OpenAI's own API when REPORT_MODEL is not set
 # The setting that limits each step's reply: a report (its draft and revisions), a critique, a summary.
-REPLY_LIMITS = {
-    "draft": ("max_tokens_report", "REPORT_MAX_TOKENS_REPORT"),
-    "revision": ("max_tokens_report", "REPORT_MAX_TOKENS_REPORT"),
-    "critique": ("max_tokens_critique", "REPORT_MAX_TOKENS_CRITIQUE"),
-    "summary": ("max_tokens_summary", "REPORT_MAX_TOKENS_SUMMARY"),
-}
-REPLY_LIMIT_SETTINGS = dict(REPLY_LIMITS.values())  # each once: the Settings field -> its environment variable
+REPLY_LIMITS = {"draft": "max_tokens_report", "revision": "max_tokens_report", "critique": "max_tokens_critique",
+                "summary": "max_tokens_summary"}
+REPLY_LIMIT_SETTINGS = tuple(dict.fromkeys(REPLY_LIMITS.values()))  # each Settings field once
 ON = ("on", "1", "true", "yes")
 # The numeric settings and their one set of rules, for both ways in (Settings.from_env reads text,
 # Settings(...) checks values): field -> (environment variable, int or float, the least value allowed).
@@ -199,14 +195,14 @@ class Settings:
 
     def reply_limit(self, step: str) -> int:
         """The most tokens a reply for ``step`` ("draft", "revision", "critique", "summary") may have."""
-        return getattr(self, self._reply_limit(step)[0])
+        return getattr(self, self._reply_limit(step))
 
     def reply_limit_variable(self, step: str) -> str:
         """The environment variable that sets ``reply_limit(step)``, for messages that say what to change."""
-        return self._reply_limit(step)[1]
+        return VARIABLES[self._reply_limit(step)]
 
     @staticmethod
-    def _reply_limit(step: str) -> tuple[str, str]:
+    def _reply_limit(step: str) -> str:
         if step not in REPLY_LIMITS:
             raise ValueError(f"step {step!r} is not one of {', '.join(REPLY_LIMITS)}: each has its own reply limit")
         return REPLY_LIMITS[step]
@@ -236,9 +232,9 @@ class Settings:
         if self.base_url:
             env["OPENAI_BASE_URL"] = self.base_url
         # A reply limit changes what the model writes, and the cache key: the container must use the same one.
-        for field, variable in REPLY_LIMIT_SETTINGS.items():
+        for field in REPLY_LIMIT_SETTINGS:
             if getattr(self, field) != getattr(Settings, field):
-                env[variable] = str(getattr(self, field))
+                env[VARIABLES[field]] = str(getattr(self, field))
         return env
 
 
