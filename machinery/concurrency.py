@@ -3,13 +3,31 @@
 * ``InflightLimit``: a cap on concurrent work that holds across event loops, and can be resized
   while work is in flight (``machinery.pacing`` moves it with what the server says).
 * ``Tally``: a thread-safe counter.
+* ``bound``: a context variable set to a value for a ``with`` block (what the block and the tasks it
+  starts see), then reset.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import threading
+from collections.abc import Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def bound(variable: contextvars.ContextVar[T | None], value: T) -> Iterator[T]:
+    """``variable`` is ``value`` inside the block, for the block and every task it starts; then as before."""
+    token = variable.set(value)
+    try:
+        yield value
+    finally:
+        variable.reset(token)
 
 
 class InflightLimit:

@@ -51,13 +51,13 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import flyte.errors
 import openai
 
 from machinery import pacing
+from machinery.concurrency import bound
 from machinery.records import Record
 from machinery.reply_cache import CachedReply, request_key
 from machinery.runtime import BackendUnavailable, runtime
@@ -113,15 +113,9 @@ class UsageMeter:
 _active_meter: contextvars.ContextVar[UsageMeter | None] = contextvars.ContextVar("usage_meter", default=None)
 
 
-@contextlib.contextmanager
-def metering() -> Iterator[UsageMeter]:
+def metering() -> contextlib.AbstractContextManager[UsageMeter]:
     """Count the model calls made inside the block, including concurrent ones it starts."""
-    meter = UsageMeter()
-    token = _active_meter.set(meter)
-    try:
-        yield meter
-    finally:
-        _active_meter.reset(token)
+    return bound(_active_meter, UsageMeter())
 
 
 def _record(usage: Usage) -> None:

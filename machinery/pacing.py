@@ -57,13 +57,13 @@ import random
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx2
 import openai
 
-from machinery.concurrency import InflightLimit
+from machinery.concurrency import InflightLimit, bound
 
 INITIAL_WINDOW = 8  # the first guess at what a server accepts at once: the project's former fixed cap
 ANNOUNCE_PAUSES_OVER = 1.0  # seconds; shorter pauses are routine and not worth a progress event
@@ -609,16 +609,10 @@ class QueueTime:
 _queue_time: contextvars.ContextVar[QueueTime | None] = contextvars.ContextVar("queue_time", default=None)
 
 
-@contextlib.contextmanager
-def queue_time() -> Iterator[QueueTime]:
+def queue_time() -> contextlib.AbstractContextManager[QueueTime]:
     """Measure the time the requests sent inside the block wait in the pace before they go out
     (``model_client``'s deadline counts the server's time, not the project's own queue)."""
-    measure = QueueTime()
-    token = _queue_time.set(measure)
-    try:
-        yield measure
-    finally:
-        _queue_time.reset(token)
+    return bound(_queue_time, QueueTime())
 
 
 class PacedTransport(httpx2.AsyncBaseTransport):
