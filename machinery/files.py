@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import itertools
 import os
 import re
 import shutil
@@ -84,14 +83,14 @@ def claim_free_dir(wanted: Path) -> Path:
     """``wanted``, or else ``wanted-2``, ``-3``...: the first that does not exist, made empty. Made in one step
     (``mkdir`` fails if the folder exists), so two processes never claim the same one."""
     wanted.parent.mkdir(parents=True, exist_ok=True)
-    for number in itertools.count(1):
-        candidate = wanted if number == 1 else wanted.with_name(f"{wanted.name}-{number}")
+    candidate, number = wanted, 1
+    while True:
         try:
             candidate.mkdir()
+            return candidate
         except FileExistsError:
-            continue
-        return candidate
-    raise AssertionError("unreachable: itertools.count never ends")
+            number += 1
+            candidate = wanted.with_name(f"{wanted.name}-{number}")
 
 
 def replace_dir(staging: Path, final: Path) -> None:
