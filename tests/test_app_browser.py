@@ -26,7 +26,7 @@ import pytest
 from conftest import SCREENSHOTS
 from hostile import HOSTILE_TOPIC, HostileServer
 from scratch_project import make_scratch_project, scratch_environment
-from test_browser import WatchedPage
+from test_browser import WatchedPage, browse_hostile_report
 
 from machinery import app_serving
 
@@ -110,14 +110,7 @@ def test_the_served_app_runs_topics_and_stays_inert(browser, served_app):
         app.locator(".widget-html-content", has_text="Finished: 1 of 1 topics succeeded").wait_for()
         results.locator("td", has_text=HOSTILE_TOPIC).first.wait_for()
         report = app.locator("select").nth(1)
-        report.select_option(label=HOSTILE_TOPIC)
-        app.locator(".lm-TabBar-tab", has_text="Report").click()
-        app.locator(".widget-tab h1", has_text="window.__pwned=99").wait_for()
-        assert "<script>window.__pwned=1</script>" in app.locator(".widget-tab").inner_text(), "shown as text"
-        for title in ("HTML preview", "Files", "Summary", "Critique history"):
-            app.locator(".lm-TabBar-tab", has_text=title).click()
-            page.wait_for_timeout(300)
-        app.locator(".widget-tab img[alt='score per round']").wait_for()
+        browse_hostile_report(app, page, report)
 
         # Both runs are saved: the list offers them, and one opens.
         saved = app.locator("select").first

@@ -63,6 +63,19 @@ class WatchedPage:
         self.context.close()
 
 
+def browse_hostile_report(explorer, page, reports) -> None:
+    """Open the hostile topic's report (``reports``: the explorer's report list) and every tab of it: its title is
+    text, never markup, and the critique chart is drawn."""
+    reports.select_option(label=HOSTILE_TOPIC)
+    explorer.locator(".lm-TabBar-tab", has_text="Report").click()
+    explorer.locator(".widget-tab h1", has_text="window.__pwned=99").wait_for()
+    assert "<script>window.__pwned=1</script>" in explorer.locator(".widget-tab").inner_text(), "shown as text"
+    for title in ("HTML preview", "Files", "Summary", "Critique history"):
+        explorer.locator(".lm-TabBar-tab", has_text=title).click()
+        page.wait_for_timeout(300)
+    explorer.locator(".widget-tab img[alt='score per round']").wait_for()
+
+
 # ----------------------------------------------------------------------------------------- 1. the pages
 
 
@@ -196,14 +209,7 @@ def test_explorer_in_live_jupyterlab(browser, lab):
         assert "2 / 2" in explorer.locator(".widget-hprogress").locator("..").inner_text()
 
         # Browse the hostile topic's report in every tab.
-        explorer.locator("select").select_option(label=HOSTILE_TOPIC)
-        explorer.locator(".lm-TabBar-tab", has_text="Report").click()
-        explorer.locator(".widget-tab h1", has_text="window.__pwned=99").wait_for()
-        assert "<script>window.__pwned=1</script>" in explorer.locator(".widget-tab").inner_text(), "shown as text"
-        for title in ("HTML preview", "Files", "Summary", "Critique history"):
-            explorer.locator(".lm-TabBar-tab", has_text=title).click()
-            page.wait_for_timeout(300)
-        explorer.locator(".widget-tab img[alt='score per round']").wait_for()
+        browse_hostile_report(explorer, page, explorer.locator("select"))
 
         # The Files tab links into the folder the server serves (its root, not the kernel's folder).
         explorer.locator(".lm-TabBar-tab", has_text="Files").click()
